@@ -1,0 +1,85 @@
+"""Losses by name. Stages (stages.py) list them with weights; `compute_losses` sums what a stage asks for.
+
+    contrastive_en       symmetric InfoNCE between images and English text (CLIP path)   spec 1, "CrossEn"
+    contrastive_target   symmetric InfoNCE between images and target-language text        MLA LE / DASD CMA
+    distill_mse          MSE(f_target, f_en) over B x D elements, teacher without grad     MLA NLT / DASD CLA, CMA
+
+The contrastive loss is open_clip's `ClipLoss` with `local_loss=True, gather_with_grad=True`: every worker
+scores its own rows against the features gathered from all workers (with gradients), so under DDP the averaged
+gradient equals the single-process gradient of the global batch. It receives rank/world_size, so it is tested
+with world_size=1 and never imports Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn import functional as F
+
+from ccr_ray._compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()
+from open_clip.loss import ClipLoss  # noqa: E402
+
+
+@dataclass
+class LossContext:
+    rank: int = 0
+    world_size: int = 1
+    scale: torch.Tensor | float = 100.0  # contrastive logit scale: fixed 100, or exp(learned logit_scale)
+    extras: dict = field(default_factory=dict)  # per-method state (e.g. DASD's discriminator)
+    _clip_loss: ClipLoss | None = None
+
+    @property
+    def clip_loss(self) -> ClipLoss:
+        if self._clip_loss is None:
+            self._clip_loss = ClipLoss(local_loss=self.world_size > 1, gather_with_grad=self.world_size > 1,
+                                       cache_labels=True, rank=self.rank, world_size=self.world_size)
+        return self._clip_loss
+
+
+def contrastive(image: torch.Tensor, text: torch.Tensor, ctx: LossContext) -> torch.Tensor:
+    scale = ctx.scale if torch.is_tensor(ctx.scale) else torch.tensor(ctx.scale, device=image.device)
+    return ctx.clip_loss(F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1), scale)
+
+
+def distill_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(student.float(), teacher.detach().float())
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    needs: tuple[str, ...]  # model outputs the loss reads
+    fn: Callable[[dict, LossContext], torch.Tensor]
+
+
+LOSSES: dict[str, LossSpec] = {
+    "contrastive_en": LossSpec(("image", "text_en"), lambda o, c: contrastive(o["image"], o["text_en"], c)),
+    "contrastive_target": LossSpec(("image", "text_target"),
+                                   lambda o, c: contrastive(o["image"], o["text_target"], c)),
+    "distill_mse": LossSpec(("text_target", "text_en"), lambda o, c: distill_mse(o["text_target"], o["text_en"])),
+}
+
+
+def register_loss(name: str, spec: LossSpec) -> None:
+    LOSSES[name] = spec
+
+
+def compute_losses(weights: Mapping[str, float], outputs: dict, ctx: LossContext
+                   ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted sum of the named losses (weight 0 = not computed) and each term's unweighted value."""
+    total = None
+    terms: dict[str, float] = {}
+    for name, weight in weights.items():
+        if weight == 0:
+            continue
+        if name not in LOSSES:
+            raise KeyError(f"unknown loss {name!r}; known: {', '.join(LOSSES)}")
+        value = LOSSES[name].fn(outputs, ctx)
+        terms[name] = float(value.detach())
+        total = weight * value if total is None else total + weight * value
+    if total is None:
+        raise ValueError("every loss weight is 0: nothing to train")
+    return total, terms

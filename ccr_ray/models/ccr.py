@@ -1,0 +1,226 @@
+"""CCRModel: a frozen CLIP plus a multilingual text path with per-language adapters (MLA or DASD).
+
+One text-encoder interface for both methods, so training, evaluation, export and tune treat them alike:
+
+    encode_image(pixels)                      -> [B, D]   CLIP image tower
+    encode_text_en(bpe_ids)                   -> [B, D]   plain CLIP text tower (English never uses adapters)
+    encode_text(ids, mask, lang)              -> [B, D]   adapted CLIP text tower for target language `lang`
+
+Outputs are unnormalised (the MSE distillation compares raw 512-d features, spec 2.3); callers normalise for
+cosine similarity. Freezing goes through `param_groups()`, never through parameter-name substrings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ccr_ray.models import backbone
+from ccr_ray.models.mla import MLAAdapters
+from ccr_ray.models.multilingual import MultilingualEmbedding, first_position_of, gather_positions
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What the model needs to know about the non-English tokenizer."""
+
+    vocab_size: int
+    pad_id: int
+    cls_id: int
+    sep_id: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CCRModel(nn.Module):
+    def __init__(self, clip: nn.Module, embedding: MultilingualEmbedding, adapters: nn.Module, tokens: TokenizerInfo,
+                 context_length: int):
+        super().__init__()
+        if not getattr(clip.transformer, "batch_first", True):
+            raise ValueError("CCRModel needs an open_clip text transformer with batch_first=True")
+        self.clip = clip
+        self.embedding = embedding
+        self.adapters = adapters
+        self.tokens = tokens
+        self.context_length = context_length
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def languages(self) -> list[str]:
+        return list(self.adapters.languages)
+
+    @property
+    def width(self) -> int:
+        return self.clip.transformer.width
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.clip.transformer.resblocks)
+
+    # ------------------------------------------------------------------ encoders
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_image(pixels)
+
+    def encode_text_en(self, ids: torch.Tensor) -> torch.Tensor:
+        """CLIP's own text path (as open_clip's `encode_text`), for any sequence length <= the context, so
+        trimmed batches and dynamic-length ONNX graphs work: pooled at EOT, the largest id in each row."""
+        clip = self.clip
+        x = clip.token_embedding(ids) + clip.positional_embedding[: ids.shape[1]]
+        causal = backbone.causal_mask(clip, ids.shape[1])
+        for block in clip.transformer.resblocks:
+            x = block(x, attn_mask=causal)
+        x = clip.ln_final(x)
+        eot = ids.to(torch.float32).argmax(dim=-1)  # float argmax: first maximum, export-safe
+        pooled = gather_positions(x, eot)
+        proj = clip.text_projection
+        return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+
+    def run_blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Frozen CLIP text blocks [start, stop) with the causal mask, no adapters (DASD's SD pass)."""
+        mask = backbone.causal_mask(self.clip, x.shape[1])
+        for block in self.clip.transformer.resblocks[start:stop]:
+            x = block(x, attn_mask=mask)
+        return x
+
+    def project_at(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """LN_final, pool at [SEP], project with CLIP's text projection."""
+        x = self.clip.ln_final(x)
+        pooled = gather_positions(x, first_position_of(ids, self.tokens.sep_id))
+        proj = self.clip.text_projection
+        return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor | None, lang: str,
+                    return_aux: bool = False):
+        if lang not in self.adapters.languages:
+            raise KeyError(f"no adapters for language {lang!r}; this model has {', '.join(self.languages)}")
+        x = self.embedding(ids, self.clip.positional_embedding)  # [B, T, width]
+        context = self.adapters.prepare(self, x, ids, mask, lang)
+        causal = backbone.causal_mask(self.clip, ids.shape[1])
+        for layer, block in enumerate(self.clip.transformer.resblocks):
+            x = block(x, attn_mask=causal)
+            x = self.adapters.after_block(layer, x, lang, context)
+        features = self.project_at(x, ids)
+        if return_aux:
+            return features, self.adapters.aux_outputs(context)
+        return features
+
+    # ------------------------------------------------------------------ training forward
+    def forward(self, batch: dict[str, torch.Tensor], lang: str | None, inputs: Iterable[str]) -> dict:
+        """Features a stage's losses need. Frozen towers run without autograd (saves memory and time)."""
+        inputs = set(inputs)
+        out: dict[str, torch.Tensor] = {}
+        if "image" in inputs:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self._trains(self.clip.visual)):
+                out["image"] = self.encode_image(batch["pixels"])
+        if "text_en" in inputs:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self._trains(self.clip.transformer)):
+                out["text_en"] = self.encode_text_en(batch["text_en_ids"])
+        if "text_target" in inputs:
+            features, aux = self.encode_text(batch["text_ids"], batch.get("text_mask"), lang, return_aux=True)
+            out["text_target"] = features
+            out.update(aux)
+        return out
+
+    @staticmethod
+    def _trains(module: nn.Module) -> bool:
+        return any(p.requires_grad for p in module.parameters())
+
+    # ------------------------------------------------------------------ parameter groups
+    def param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Every parameter in exactly one named group; stages say which groups train (stages.py)."""
+        named = dict(self.named_parameters())
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {
+            "image_tower": [], "text_tower": [], "logit_scale": [], "token_embedding": [], "embedding_proj": [],
+            "adapters": [],
+        }
+        for name, param in named.items():
+            if name.startswith("clip.visual."):
+                groups["image_tower"].append((name, param))
+            elif name in ("clip.logit_scale", "clip.logit_bias"):
+                groups["logit_scale"].append((name, param))
+            elif name.startswith("clip."):
+                groups["text_tower"].append((name, param))
+            elif name.startswith("embedding.token_embedding."):
+                groups["token_embedding"].append((name, param))
+            elif name.startswith("embedding."):
+                groups["embedding_proj"].append((name, param))
+            elif name.startswith("adapters."):
+                groups["adapters"].append((name, param))
+            else:  # pragma: no cover - a new submodule must be given a group
+                raise AssertionError(f"parameter {name} belongs to no group")
+        return groups
+
+    def set_trainable(self, groups: Iterable[str]) -> list[tuple[str, nn.Parameter]]:
+        """requires_grad=True exactly for the named groups; returns the trainable (name, param) pairs.
+
+        (The seeds leave requires_grad on everywhere and simply do not give frozen weights to the optimizer;
+        turning it off computes the same update without the frozen weights' gradients.)"""
+        wanted = set(groups)
+        all_groups = self.param_groups()
+        unknown = wanted - set(all_groups)
+        if unknown:
+            raise KeyError(f"unknown parameter groups {sorted(unknown)}; known: {', '.join(all_groups)}")
+        trainable = []
+        for group, params in all_groups.items():
+            for name, param in params:
+                param.requires_grad_(group in wanted)
+                if group in wanted:
+                    trainable.append((name, param))
+        return trainable
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def build_adapters(model_cfg, layers: int, width: int) -> nn.Module:
+    if model_cfg.adapter == "mla":
+        return MLAAdapters(model_cfg.languages, layers, width, model_cfg.mla.hidden)
+    if model_cfg.adapter == "dasd":
+        from ccr_ray.models.dasd import DASDAdapters
+
+        return DASDAdapters(model_cfg.languages, layers, width, model_cfg.dasd)
+    raise ValueError(f"model.adapter: unknown adapter {model_cfg.adapter!r}")
+
+
+def build_model(model_cfg, tokens: TokenizerInfo, clip_cfg: dict | None = None) -> CCRModel:
+    """Build a CCRModel from a `ModelConfig` (random init; weights are loaded by the caller).
+
+    `clip_cfg` is the open_clip model config dict; by default it is resolved from `model_cfg.backbone.name`
+    (checkpoints store it, so loading never depends on preset files)."""
+    clip_cfg = clip_cfg or backbone.backbone_model_config(model_cfg.backbone.name)
+    clip = backbone.build_clip(clip_cfg, quick_gelu=model_cfg.backbone.quick_gelu)
+    width = clip.transformer.width
+    context = model_cfg.text.context_length or clip.context_length
+    if context > clip.context_length:
+        raise ValueError(f"model.text.context_length: {context} exceeds the backbone's {clip.context_length} "
+                         "positions")
+    embedding = MultilingualEmbedding(tokens.vocab_size, model_cfg.text.embed_dim, width)
+    adapters = build_adapters(model_cfg, len(clip.transformer.resblocks), width)
+    return CCRModel(clip, embedding, adapters, tokens, context)
+
+
+def load_mbert_embeddings(folder: str) -> torch.Tensor:
+    """M-BERT's word-embedding matrix (119,547 x 768) from a local Hugging Face folder, without building BERT."""
+    root = Path(folder).expanduser()
+    keys = ("bert.embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight")
+    st = sorted(root.glob("*.safetensors"))
+    if st:
+        from safetensors import safe_open
+
+        for file in st:
+            with safe_open(str(file), framework="pt") as f:
+                for key in keys:
+                    if key in f.keys():
+                        return f.get_tensor(key)
+    for file in sorted(root.glob("*.bin")):
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        for key in keys:
+            if key in state:
+                return state[key]
+    raise FileNotFoundError(f"model.text.embeddings_init: no word-embedding matrix ({' or '.join(keys)}) in "
+                            f"*.safetensors / *.bin under {root}")

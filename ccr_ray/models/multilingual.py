@@ -1,0 +1,46 @@
+"""The non-English input path shared by MLA and DASD (spec section 1, "new_embed").
+
+    e_i = W_e . E[t_i] + b_e + P_i          E: token table (M-BERT's 119,547 x 768 for real runs), trainable
+                                            W_e, b_e: Linear(768 -> width), trainable; P: CLIP's frozen positions
+    t   = LN_final(x^L)[pos(SEP)] . W_T     pooled at the [SEP] token, projected by CLIP's text projection
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MultilingualEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, embed_dim: int, width: int):
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, embed_dim)  # E
+        self.proj = nn.Linear(embed_dim, width)  # W_e, b_e
+        nn.init.normal_(self.token_embedding.weight, std=0.02)  # BERT's initializer_range
+
+    def forward(self, ids: torch.Tensor, positional_embedding: torch.Tensor) -> torch.Tensor:
+        # ids [B, T] -> [B, T, width]
+        return self.proj(self.token_embedding(ids)) + positional_embedding[: ids.shape[1]]
+
+
+def first_position_of(ids: torch.Tensor, token_id: int) -> torch.Tensor:
+    """Index of the first `token_id` in each row of ids [B, T] -> [B].
+
+    Export-safe: a float comparison + argmax (ONNX ArgMax returns the first maximum by default); no `nonzero`,
+    no argmax over integer token ids (open_clip's EOT trick, which assumes EOT has the largest id).
+    """
+    return (ids == token_id).to(torch.float32).argmax(dim=-1)
+
+
+def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x [B, T, D], positions [B] -> x[b, positions[b]] as [B, D]."""
+    index = positions.view(-1, 1, 1).expand(-1, 1, x.shape[-1])
+    return torch.gather(x, 1, index).squeeze(1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over tokens of x [B, T, D]; with mask [B, T] (1 = real token) padding is excluded."""
+    if mask is None:
+        return x.mean(dim=1)
+    weights = mask.to(x.dtype).unsqueeze(-1)
+    return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
