@@ -1,0 +1,162 @@
+"""Encode a retrieval split and score it per language (spec section 5). No Ray import: the Ray Train worker
+(validation), `jobs/evaluate.py` and export's embedding evaluation all call this.
+
+Each language is evaluated on the rows (images) that have captions in it; captions stay grouped by image, in
+row order; images are encoded once and shared across languages. English goes through plain CLIP; other
+languages through the model's adapters, or through CLIP's own BPE tokenizer for the English-only baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.nn import functional as F
+
+from ccr_ray.data import schema
+from ccr_ray.data.preprocess import tokenize_captions
+from ccr_ray.data.transforms import ImageTransform, open_image
+from ccr_ray.eval.metrics import average_metrics, retrieval_metrics
+
+# How non-English captions are encoded
+ADAPTED = "adapted"  # the model's multilingual path (MLA acquirers / DASD adapters)
+CLIP_BPE = "clip_bpe"  # baseline: the English CLIP applied to the raw caption through its own BPE
+
+
+def language_rows(table: pa.Table, lang: str, max_images: int = 0) -> pa.Table:
+    col = schema.captions_column(lang)
+    if col not in table.column_names:
+        return table.slice(0, 0)
+    lengths = pa.compute.list_value_length(table[col]).fill_null(0)
+    rows = table.filter(pa.compute.greater(lengths, 0))
+    return rows.slice(0, max_images) if max_images else rows
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def encode_images(model, images: Sequence, transform: ImageTransform, device: torch.device, batch_size: int = 256,
+                  precision: str = "fp32", root: str | None = None, progress: Callable | None = None
+                  ) -> torch.Tensor:
+    """images: sequence of (bytes | None, path | None) -> L2-normalised features [N, D] on CPU (fp32)."""
+    feats = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        pixels = transform.batch([open_image(data, path, root) for data, path in chunk])
+        with _autocast(device, precision):
+            out = model.encode_image(torch.from_numpy(pixels).to(device))
+        feats.append(F.normalize(out.float(), dim=-1).cpu())
+        if progress:
+            progress(len(chunk))
+    return torch.cat(feats) if feats else torch.zeros(0, 1)
+
+
+@torch.no_grad()
+def encode_captions(model, texts: Sequence[str], lang: str, context_length: int, tokenizer: str | None,
+                    device: torch.device, batch_size: int = 256, precision: str = "fp32", mode: str = ADAPTED
+                    ) -> torch.Tensor:
+    feats = []
+    for start in range(0, len(texts), batch_size):
+        chunk = list(texts[start:start + batch_size])
+        if lang == "en" or mode == CLIP_BPE:
+            ids = tokenize_captions(chunk, "en", context_length, None)["text_en_ids"]
+            with _autocast(device, precision):
+                out = model.encode_text_en(torch.from_numpy(ids).to(device))
+        else:
+            enc = tokenize_captions(chunk, lang, context_length, tokenizer)
+            with _autocast(device, precision):
+                out = model.encode_text(torch.from_numpy(enc["text_ids"]).to(device),
+                                        torch.from_numpy(enc["text_mask"]).to(device), lang)
+        feats.append(F.normalize(out.float(), dim=-1).cpu())
+    return torch.cat(feats) if feats else torch.zeros(0, 1)
+
+
+def score_language(image_feats: torch.Tensor, caption_feats: torch.Tensor, caption_image: np.ndarray,
+                   folds: np.ndarray | None) -> dict[str, float]:
+    """Metrics for one language; with folds (>= 0) each fold is scored on its own images and averaged."""
+    sim = caption_feats @ image_feats.t()
+    caption_image_t = torch.from_numpy(caption_image)
+    if folds is None or (folds < 0).all():
+        return retrieval_metrics(sim, caption_image_t)
+    per_fold = []
+    for fold in sorted(set(int(f) for f in folds if f >= 0)):
+        img = np.flatnonzero(folds == fold)
+        remap = -np.ones(len(folds), dtype=np.int64)
+        remap[img] = np.arange(len(img))
+        caps = np.flatnonzero(np.isin(caption_image, img))
+        sub = sim[torch.from_numpy(caps)][:, torch.from_numpy(img)]
+        per_fold.append(retrieval_metrics(sub, torch.from_numpy(remap[caption_image[caps]])))
+    return average_metrics(per_fold)
+
+
+def evaluate_table(model, table: pa.Table, languages: Sequence[str], transform: ImageTransform,
+                   context_length: int, tokenizer: str | None, device: torch.device | str = "cpu",
+                   batch_size: int = 256, max_images: int = 0, precision: str = "fp32", mode: str = ADAPTED,
+                   root: str | None = None, progress: Callable | None = None) -> dict[str, dict[str, float]]:
+    """{lang: metrics} for every language in `languages` that has captions in `table`."""
+    device = torch.device(device)
+    per_lang = {lang: language_rows(table, lang, max_images) for lang in languages}
+    per_lang = {k: v for k, v in per_lang.items() if v.num_rows}
+    # encode every needed image once
+    wanted: dict[str, int] = {}
+    images: list[tuple] = []
+    for rows in per_lang.values():
+        ids = rows[schema.IMAGE_ID].to_pylist()
+        data = rows[schema.IMAGE].to_pylist() if schema.IMAGE in rows.column_names else [None] * len(ids)
+        paths = rows[schema.IMAGE_PATH].to_pylist() if schema.IMAGE_PATH in rows.column_names else [None] * len(ids)
+        for image_id, d, p in zip(ids, data, paths):
+            if image_id not in wanted:
+                wanted[image_id] = len(images)
+                images.append((d, p))
+    image_feats = encode_images(model, images, transform, device, batch_size, precision, root, progress)
+    results = {}
+    for lang, rows in per_lang.items():
+        ids = rows[schema.IMAGE_ID].to_pylist()
+        captions = rows[schema.captions_column(lang)].to_pylist()
+        texts = [c for caps in captions for c in caps]
+        caption_image = np.repeat(np.arange(len(ids)), [len(c) for c in captions])
+        feats = encode_captions(model, texts, lang, context_length, tokenizer, device, batch_size, precision, mode)
+        img = image_feats[torch.tensor([wanted[i] for i in ids])]
+        folds = rows[schema.FOLD].to_numpy() if schema.FOLD in rows.column_names else None
+        results[lang] = score_language(img, feats, caption_image, folds)
+    return results
+
+
+def mean_mr(results: dict[str, dict[str, float]], languages: Sequence[str] | None = None) -> float:
+    langs = [lang for lang in (languages or results) if lang in results]
+    if not langs:
+        return float("nan")
+    return sum(results[lang]["mR"] for lang in langs) / len(langs)
+
+
+def format_table(rows: dict[str, dict[str, dict[str, float]]], languages: Sequence[str]) -> str:
+    """Markdown table: one row per model/setting, per-language mR columns + the mean over non-English ones."""
+    header = "| model | " + " | ".join(languages) + " | mean (non-en) |"
+    lines = [header, "|" + "---|" * (len(languages) + 2)]
+    for name, results in rows.items():
+        cells = [f"{results[lang]['mR']:.1f}" if lang in results else "-" for lang in languages]
+        non_en = [lang for lang in languages if lang != "en" and lang in results]
+        mean = f"{mean_mr(results, non_en):.1f}" if non_en else "-"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean} |")
+    return "\n".join(lines)
+
+
+def format_recall_table(results: dict[str, dict[str, float]], title: str = "") -> str:
+    """Per-language R@1/5/10 both ways + mR, markdown."""
+    cols = ["t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "mR"]
+    lines = []
+    if title:
+        lines.append(f"**{title}**\n")
+    lines.append("| lang | T→I R@1 | R@5 | R@10 | I→T R@1 | R@5 | R@10 | mR | captions | images |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    for lang, m in results.items():
+        vals = " | ".join(f"{m[c]:.1f}" for c in cols)
+        lines.append(f"| {lang} | {vals} | {int(m['n_captions'])} | {int(m['n_images'])} |")
+    return "\n".join(lines)

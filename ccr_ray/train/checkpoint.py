@@ -1,0 +1,193 @@
+"""Ray-agnostic checkpoints: a folder of safetensors + JSON, loadable without a cluster, never unpickled.
+
+    model.safetensors       CCRModel state dict (everything needed for inference)
+    aux.safetensors         training-only modules (DASD's discriminator); absent for MLA
+    optimizer.safetensors   optimizer moving averages, for resuming (absent in exported stage outputs)
+    config.json             the resolved ExperimentConfig + the open_clip model config + tokenizer ids +
+                            image preprocessing, so the model rebuilds from this folder alone
+    state.json              stage, step, validation metrics, best score so far, training log
+    tokenizer/              copy of the non-English tokenizer folder
+
+`save_checkpoint` writes into a temporary sibling folder and swaps it in with renames, so a reader never
+sees a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ccr_ray.config import ExperimentConfig
+from ccr_ray.models.ccr import CCRModel, TokenizerInfo, build_model
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+AUX_FILE = "aux.safetensors"
+OPTIM_FILE = "optimizer.safetensors"
+CONFIG_FILE = "config.json"
+STATE_FILE = "state.json"
+TOKENIZER_DIR = "tokenizer"
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(FileNotFoundError):
+    """A checkpoint folder is missing or incomplete; the message names the path."""
+
+
+@dataclass
+class CheckpointMeta:
+    config: dict[str, Any]  # ExperimentConfig.to_dict()
+    clip_cfg: dict[str, Any]
+    tokens: dict[str, int]
+    preprocess: dict[str, Any]
+    stage: str
+    step: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    best_score: float | None = None
+    best_step: int | None = None
+    log: list[dict] = field(default_factory=list)
+
+    @property
+    def experiment(self) -> ExperimentConfig:
+        return ExperimentConfig.from_dict(self.config)
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def save_checkpoint(path: str | os.PathLike, model: CCRModel, meta: CheckpointMeta, tokenizer_dir: str | None = None,
+                    aux: dict[str, torch.Tensor] | None = None, optimizer: dict[str, torch.Tensor] | None = None,
+                    optimizer_scalars: dict | None = None) -> Path:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        save_file(_contiguous(model.state_dict()), str(tmp / MODEL_FILE), metadata={"format": "ccr_ray"})
+        if aux:
+            save_file(_contiguous(aux), str(tmp / AUX_FILE))
+        if optimizer is not None:
+            save_file(_contiguous(optimizer), str(tmp / OPTIM_FILE))
+        config = {"format_version": FORMAT_VERSION, "experiment": meta.config, "clip_cfg": meta.clip_cfg,
+                  "tokens": meta.tokens, "preprocess": meta.preprocess}
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        state = {"stage": meta.stage, "step": meta.step, "metrics": meta.metrics, "best_score": meta.best_score,
+                 "best_step": meta.best_step, "log": meta.log, "optimizer_scalars": optimizer_scalars or {}}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        if tokenizer_dir and Path(tokenizer_dir).is_dir():
+            shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
+        _swap_in(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, drop_optimizer: bool = True) -> Path:
+    """Copy a checkpoint folder atomically (the stage output is a copy of the selected Ray checkpoint)."""
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
+    ignore = shutil.ignore_patterns(OPTIM_FILE) if drop_optimizer else None
+    shutil.copytree(src, tmp, ignore=ignore)
+    _swap_in(tmp, dst)
+    return dst
+
+
+def read_meta(path: str | os.PathLike) -> CheckpointMeta:
+    folder = Path(path)
+    for name in (MODEL_FILE, CONFIG_FILE, STATE_FILE):
+        if not (folder / name).exists():
+            raise CheckpointError(f"{folder}: not a ccr-ray checkpoint (missing {name})")
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    state = json.loads((folder / STATE_FILE).read_text())
+    return CheckpointMeta(config=config["experiment"], clip_cfg=config["clip_cfg"], tokens=config["tokens"],
+                          preprocess=config["preprocess"], stage=state["stage"], step=state["step"],
+                          metrics=state.get("metrics", {}), best_score=state.get("best_score"),
+                          best_step=state.get("best_step"), log=state.get("log", []))
+
+
+def tokenizer_of(path: str | os.PathLike) -> str | None:
+    folder = Path(path) / TOKENIZER_DIR
+    return str(folder) if folder.is_dir() else None
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[CCRModel, CheckpointMeta]:
+    """Rebuild the model from the folder alone and load its weights (strict)."""
+    meta = read_meta(path)
+    cfg = meta.experiment
+    model = build_model(cfg.model, TokenizerInfo(**meta.tokens), clip_cfg=meta.clip_cfg)
+    state = load_file(str(Path(path) / MODEL_FILE))
+    model.load_state_dict(state, strict=True)
+    return model.to(device), meta
+
+
+def load_tensors(path: str | os.PathLike, name: str) -> dict[str, torch.Tensor] | None:
+    file = Path(path) / name
+    return load_file(str(file)) if file.exists() else None
+
+
+def load_optimizer_scalars(path: str | os.PathLike) -> dict:
+    return json.loads((Path(path) / STATE_FILE).read_text()).get("optimizer_scalars", {})
+
+
+def load_weights_into(model: CCRModel, path: str | os.PathLike, inherit: str = "all") -> dict[str, list[str]]:
+    """Initialise `model` from a parent checkpoint.
+
+    inherit="backbone": only the CLIP weights (`clip.*`); the multilingual path keeps its fresh init.
+    inherit="all": every weight the parent has; adapters for languages the parent lacks stay freshly
+    initialised (reported), parent weights the child has no place for are ignored (reported).
+    """
+    state = load_file(str(Path(path) / MODEL_FILE))
+    if inherit == "backbone":
+        state = {k: v for k, v in state.items() if k.startswith("clip.")}
+    own = model.state_dict()
+    unexpected = sorted(k for k in state if k not in own)
+    state = {k: v for k, v in state.items() if k in own}
+    missing = sorted(k for k in own if k not in state)
+    allowed_missing = ("adapters.",) if inherit == "all" else ("adapters.", "embedding.")
+    bad = [k for k in missing if not k.startswith(allowed_missing)]
+    if bad:
+        raise CheckpointError(f"{path}: parent checkpoint lacks {len(bad)} weights, e.g. {bad[:3]}")
+    for key, value in state.items():
+        if value.shape != own[key].shape:
+            raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)}, the model expects "
+                                  f"{tuple(own[key].shape)} (different backbone, tokenizer or adapter size?)")
+    model.load_state_dict(state, strict=False)
+    if missing and inherit == "all":
+        log.info("initialised fresh (not in parent): %d tensors, e.g. %s", len(missing), missing[:3])
+    if unexpected:
+        log.info("ignored parent tensors: %d, e.g. %s", len(unexpected), unexpected[:3])
+    return {"missing": missing, "unexpected": unexpected}
+
+
+def tensor_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, shapes, dtypes and bytes (sorted): identifies weights independently of file layout."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()

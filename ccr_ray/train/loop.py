@@ -1,0 +1,242 @@
+"""The training loop in plain PyTorch: build a stage's model and optimizer, step it, validate it, save it.
+
+Ray never appears here. `train/worker.py` feeds it batches from Ray Data shards inside Ray Train; the
+single-process benchmark loop and the tests feed it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+from ccr_ray.config import ExperimentConfig
+from ccr_ray.data.transforms import ImageTransform
+from ccr_ray.eval.retrieval import evaluate_table, mean_mr
+from ccr_ray.losses import LOSSES, LossContext, compute_losses
+from ccr_ray.models import backbone
+from ccr_ray.models.ccr import CCRModel, TokenizerInfo, build_model, load_mbert_embeddings
+from ccr_ray.optim import Optimization
+from ccr_ray.stages import STAGES, Stage
+from ccr_ray.train import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+MAX_LOGIT_SCALE = math.log(100.0)  # open_clip clamps the learned scale at 100
+
+
+def language_for_step(seed: int, step: int, languages: list[str]) -> str:
+    """The MetaLoader's draw: a uniform language per step, a pure function of (seed, step), so every DDP worker
+    picks the same language (the global batch is monolingual) and a resumed run continues the same sequence."""
+    if len(languages) == 1:
+        return languages[0]
+    return languages[int(np.random.default_rng([seed, step]).integers(len(languages)))]
+
+
+def stage_languages(cfg: ExperimentConfig, stage: Stage, which: str) -> list[str]:
+    if which == "en":
+        return ["en"]
+    if which == "targets":
+        return list(cfg.model.languages)
+    return ["en", *cfg.model.languages]
+
+
+def resolve_precision(cfg: ExperimentConfig, device: torch.device) -> str:
+    if cfg.train.precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return cfg.train.precision
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast (no GradScaler needed, unlike the seeds' fp16); the model itself stays fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def trim_padding(batch: dict[str, torch.Tensor], padding_invariant: bool) -> dict[str, torch.Tensor]:
+    """Cut columns that are padding in every row. Exact under the causal mask: the pooled token ([SEP] /
+    EOT) never attends to later positions. Skipped when the adapter pools over padding (DASD's original mode)."""
+    out = dict(batch)
+    if "text_en_ids" in out:
+        ids = out["text_en_ids"]
+        length = int(ids.argmax(dim=1).max()) + 1  # EOT has the largest id in CLIP's vocabulary
+        out["text_en_ids"] = ids[:, :length]
+    if padding_invariant and "text_mask" in out:
+        length = int(out["text_mask"].sum(dim=1).max())
+        out["text_ids"], out["text_mask"] = out["text_ids"][:, :length], out["text_mask"][:, :length]
+    return out
+
+
+@dataclass
+class ModelArtifacts:
+    """What rebuilding the model needs besides the config (stored in every checkpoint)."""
+
+    clip_cfg: dict
+    tokens: TokenizerInfo
+    preprocess: dict
+    tokenizer_dir: str
+
+
+def build_stage_model(cfg: ExperimentConfig, stage: Stage, tokenizer_dir: str, parent: str | None
+                      ) -> tuple[CCRModel, ModelArtifacts]:
+    """Model for `stage`: from the parent checkpoint (all weights or backbone only, per the stage table), else
+    from a local pretrained CLIP file / random init; E from M-BERT when configured and not inherited."""
+    from ccr_ray.tokenization import target_tokenizer
+
+    context = cfg.model.text.context_length
+    if parent:
+        meta = ckpt.read_meta(parent)
+        clip_cfg = meta.clip_cfg
+    else:
+        clip_cfg = backbone.backbone_model_config(cfg.model.backbone.name)
+    if not context:
+        context = int(clip_cfg["text_cfg"].get("context_length", 77))
+    tokens = target_tokenizer(tokenizer_dir, context).info()
+    model = build_model(cfg.model, tokens, clip_cfg=clip_cfg)
+    if parent:
+        ckpt.load_weights_into(model, parent, stage.inherit)
+    elif cfg.model.backbone.pretrained:
+        backbone.load_backbone_weights(model.clip, cfg.path(cfg.model.backbone.pretrained))
+    if cfg.model.text.embeddings_init and (not parent or stage.inherit == "backbone"):
+        table = load_mbert_embeddings(cfg.path(cfg.model.text.embeddings_init))
+        if tuple(table.shape) != tuple(model.embedding.token_embedding.weight.shape):
+            raise ValueError(f"model.text.embeddings_init: table {tuple(table.shape)} does not match tokenizer "
+                             f"vocabulary x embed_dim {tuple(model.embedding.token_embedding.weight.shape)}")
+        with torch.no_grad():
+            model.embedding.token_embedding.weight.copy_(table)
+    return model, ModelArtifacts(clip_cfg, tokens, backbone.preprocess_config(model.clip), tokenizer_dir)
+
+
+@dataclass
+class TrainState:
+    cfg: ExperimentConfig
+    stage: Stage
+    model: CCRModel  # the bare model (checkpoints, evaluation)
+    artifacts: ModelArtifacts
+    optim: Optimization
+    device: torch.device
+    precision: str
+    loss_ctx: LossContext
+    module: nn.Module | None = None  # what forward runs through: the model, or its DDP wrapper
+    step: int = 0
+    best_score: float | None = None
+    best_step: int | None = None
+    history: list[dict] = field(default_factory=list)
+    last_metrics: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.module is None:
+            self.module = self.model
+
+    # ---------------------------------------------------------------- building
+    @classmethod
+    def create(cls, cfg: ExperimentConfig, tokenizer_dir: str, parent: str | None, device: torch.device | str,
+               rank: int = 0, world_size: int = 1) -> TrainState:
+        stage = STAGES[cfg.stage]
+        device = torch.device(device)
+        torch.manual_seed(cfg.train.seed)
+        model, artifacts = build_stage_model(cfg, stage, tokenizer_dir, parent)
+        model.to(device)
+        trainable = model.set_trainable(stage.trains)
+        optim = Optimization(trainable, cfg.optim, t_total=cfg.train.max_steps)
+        ctx = LossContext(rank=rank, world_size=world_size, scale=cfg.loss.scale)
+        return cls(cfg, stage, model, artifacts, optim, device, resolve_precision(cfg, device), ctx)
+
+    @property
+    def needs(self) -> set[str]:
+        """Model outputs the stage's non-zero losses read (the forward computes nothing else)."""
+        return {need for name, weight in self.cfg.loss.weights.items() if weight for need in LOSSES[name].needs}
+
+    @property
+    def padding_invariant(self) -> bool:
+        return getattr(self.model.adapters, "padding_invariant", True)
+
+    # ---------------------------------------------------------------- one step
+    def train_step(self, batch: dict[str, torch.Tensor], lang: str) -> dict[str, float]:
+        self.module.train()
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+        batch = trim_padding(batch, self.padding_invariant)
+        with autocast(self.device, self.precision):
+            outputs = self.module(batch, lang, tuple(self.needs))
+        if self.cfg.loss.learn_scale:
+            self.loss_ctx.scale = self.model.clip.logit_scale.exp()
+        total, terms = compute_losses(self.cfg.loss.weights, outputs, self.loss_ctx)
+        self.optim.zero_grad()
+        total.backward()
+        self.optim.step()
+        if self.cfg.loss.learn_scale:
+            with torch.no_grad():
+                self.model.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        self.step += 1
+        return {"loss": float(total.detach()), **terms}
+
+    # ---------------------------------------------------------------- validation
+    def validate(self, table: pa.Table, dataset_root: str | None = None) -> dict[str, float]:
+        langs = stage_languages(self.cfg, self.stage, self.stage.eval_languages)
+        self.model.eval()
+        results = evaluate_table(
+            self.model, table, langs, ImageTransform.from_config(self.artifacts.preprocess),
+            self.model.context_length, self.artifacts.tokenizer_dir, self.device,
+            max_images=self.cfg.data.val_max_images, precision=self.precision, root=dataset_root)
+        metrics: dict[str, float] = {f"val/mR/{lang}": r["mR"] for lang, r in results.items()}
+        metrics["val/mR"] = mean_mr(results, langs)
+        score = metrics["val/mR"]
+        if self.best_score is None or score > self.best_score:
+            self.best_score, self.best_step = score, self.step
+        metrics["val/best_mR"] = self.best_score
+        return metrics
+
+    # ---------------------------------------------------------------- checkpoints
+    def meta(self, metrics: dict | None = None) -> ckpt.CheckpointMeta:
+        a = self.artifacts
+        return ckpt.CheckpointMeta(config=self.cfg.to_dict(), clip_cfg=a.clip_cfg, tokens=a.tokens.to_dict(),
+                                   preprocess=a.preprocess, stage=self.stage.name, step=self.step,
+                                   metrics=metrics or {}, best_score=self.best_score, best_step=self.best_step,
+                                   log=self.history)
+
+    def save(self, path: str | Path, metrics: dict | None = None, with_optimizer: bool = True) -> Path:
+        tensors, scalars = self.optim.state_tensors() if with_optimizer else (None, None)
+        return ckpt.save_checkpoint(path, self.model, self.meta(metrics), tokenizer_dir=self.artifacts.tokenizer_dir,
+                                    optimizer=tensors, optimizer_scalars=scalars)
+
+    def restore(self, path: str | Path) -> None:
+        """Resume: weights, optimizer moments, step, best score and log from a checkpoint of this run."""
+        from safetensors.torch import load_file
+
+        meta = ckpt.read_meta(path)
+        self.model.load_state_dict(load_file(str(Path(path) / ckpt.MODEL_FILE)), strict=True)
+        tensors = ckpt.load_tensors(path, ckpt.OPTIM_FILE)
+        if tensors is not None:
+            self.optim.load_state_tensors(tensors, ckpt.load_optimizer_scalars(path))
+        self.step, self.best_score, self.best_step = meta.step, meta.best_score, meta.best_step
+        self.history = list(meta.log)
+
+
+class Throughput:
+    """samples/s over the steps since the last `rate()` call."""
+
+    def __init__(self):
+        self.start, self.samples = time.perf_counter(), 0
+
+    def add(self, n: int) -> None:
+        self.samples += n
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        value = self.samples / max(now - self.start, 1e-9)
+        self.start, self.samples = now, 0
+        return value
+
+
+def format_progress(stage: str, step: int, max_steps: int, metrics: dict, lang: str, lr: float, rate: float) -> str:
+    terms = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "loss")
+    return (f"[{stage}] step {step}/{max_steps} | loss {metrics['loss']:.4f} ({terms}) | lang {lang} | "
+            f"lr {lr:.2e} | {rate:.0f} samples/s")
