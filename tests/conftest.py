@@ -1,0 +1,60 @@
+"""Shared fixtures: a micro dataset (procedural scenes, generated here), a micro backbone preset, configs.
+
+Nothing downloads: HF_HUB_OFFLINE is set before anything imports transformers.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+MICRO_PRESET = str(FIXTURES / "micro-vit.json")
+SHARED_DATA = Path(os.environ.get("CCR_RAY_SHARED_DATA", REPO.parent / "shared" / "data"))
+sys.path.insert(0, str(REPO / "jobs"))  # job modules import their sibling _common
+
+
+@pytest.fixture(scope="session")
+def micro_data(tmp_path_factory) -> str:
+    """A tiny dataset in the real layout: 256 train / 64 val / 64 test images, 32 px, six languages."""
+    from ccr_ray.data.synthetic import DemoDataConfig, write_demo_dataset
+
+    out = tmp_path_factory.mktemp("data") / "micro"
+    write_demo_dataset(DemoDataConfig(out=str(out), sizes={"train": 256, "val": 64, "test": 64}, image_size=32,
+                                      seed=3, shard_size=128, tokenizer_vocab=1500, workers=1))
+    return str(out)
+
+
+def micro_config(data_root: str, home: str, languages=("de", "zh"), **sections) -> dict:
+    """A config dict for `resolve_config(stage, config=...)` on the micro dataset and backbone."""
+    cfg = {
+        "model": {"backbone": {"name": MICRO_PRESET}, "text": {"embed_dim": 32}, "mla": {"hidden": 16},
+                  "dasd": {"core": 8, "latent_dim": 32}, "languages": list(languages)},
+        "data": {"pretrain": data_root, "downstream": data_root, "val_max_images": 32, "shuffle_buffer": 0},
+        "train": {"batch_size": 16, "max_steps": 4, "eval_every": 2, "log_every": 2},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
+        "run": {"home": home, "experiment": "t"},
+    }
+    for key, value in sections.items():
+        cfg.setdefault(key, {}).update(value)
+    return cfg
+
+
+@pytest.fixture()
+def micro_cfg(micro_data, tmp_path):
+    from ccr_ray.config import resolve_config
+
+    def make(stage: str, **sections):
+        return resolve_config(stage, micro_config(micro_data, str(tmp_path), **sections))
+
+    return make

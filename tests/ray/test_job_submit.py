@@ -1,0 +1,100 @@
+"""`ray job submit ... -- python jobs/train_stage.py --stage le` against a `ray start --head` cluster with token
+authentication on: the client with the token is served, a client without it (or with a wrong one) is refused.
+
+The cluster runs with a private HOME (its token lives in HOME/.ray/auth_token) and is stopped by killing its own
+process group: `ray stop` would kill every Ray process on the machine.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, micro_config
+
+pytestmark = pytest.mark.ray
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def head(tmp_path):
+    home = tmp_path / "h"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_MODE", None)
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    dashboard = free_port()
+    temp = f"/tmp/ccrjob-{os.getpid()}"
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", f"--dashboard-port={dashboard}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=2",
+         f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # ready when an authenticated client can list jobs
+        probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], capture_output=True,
+                               env={**env, "RAY_AUTH_MODE": "token"}, timeout=60)
+        if probe.returncode == 0:
+            break
+        time.sleep(2)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("ray start --head did not come up")
+    yield address, env, home
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    subprocess.run(["rm", "-rf", temp])
+
+
+def submit(address, env, *job, extra_env=None, timeout=600):
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--", *job]
+    return subprocess.run(cmd, env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=timeout)
+
+
+def test_job_submit_with_token_trains_le_and_without_is_refused(head, micro_data, tmp_path):
+    from ccr_ray.config import resolve_config
+    from ccr_ray.train.loop import TrainState
+
+    address, env, home = head
+    run_home = tmp_path / "runs-home"
+    config = tmp_path / "micro.json"
+    config.write_text(json.dumps(micro_config(micro_data, str(run_home), train={"max_steps": 2, "eval_every": 2})))
+    tokenizer = os.path.join(micro_data, "tokenizer")
+    # parents made without Ray (random weights are enough to exercise the job path)
+    clip = resolve_config("clip", str(config))
+    TrainState.create(clip, tokenizer, None, "cpu").save(clip.stage_dir("clip") / "checkpoint")
+    nlt = resolve_config("nlt", str(config))
+    TrainState.create(nlt, tokenizer, str(clip.stage_dir("clip") / "checkpoint"), "cpu").save(
+        nlt.stage_dir("nlt") / "checkpoint")
+
+    job = ["python", "jobs/train_stage.py", "--stage", "le", "--config", str(config)]
+    refused = submit(address, env, *job, timeout=120)
+    assert refused.returncode != 0
+    assert "authentication" in (refused.stdout + refused.stderr).lower()
+    wrong = submit(address, env, *job, extra_env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, timeout=120)
+    assert wrong.returncode != 0 and "invalid" in (wrong.stdout + wrong.stderr).lower()
+    assert not (run_home / "runs" / "t" / "le").exists()
+
+    ok = submit(address, env, *job, extra_env={"RAY_AUTH_MODE": "token"})
+    assert ok.returncode == 0, (ok.stdout + ok.stderr)[-3000:]
+    assert "succeeded" in ok.stdout + ok.stderr
+    assert (run_home / "runs" / "t" / "le" / "checkpoint" / "model.safetensors").exists()
+    assert "[le] output checkpoint" in ok.stdout + ok.stderr

@@ -1,0 +1,83 @@
+"""Real Ray runs on a local cluster: the job CLIs end to end, resume, and worker-crash recovery."""
+
+import json
+import os
+
+import pytest
+
+from ccr_ray.config import resolve_config
+from ccr_ray.train import checkpoint as ckpt
+from tests.conftest import micro_config
+
+pytestmark = pytest.mark.ray
+
+
+def write_config(tmp_path, micro_data, **sections):
+    path = tmp_path / "micro.json"
+    path.write_text(json.dumps(micro_config(micro_data, str(tmp_path / "home"), **sections)))
+    return str(path)
+
+
+def test_clip_nlt_le_then_evaluate_through_the_job_clis(ray_local, micro_data, tmp_path, capsys):
+    import evaluate
+    import train_stage
+
+    config = write_config(tmp_path, micro_data)
+    assert train_stage.main(["--stage", "le", "--config", config]) == 2  # no nlt checkpoint yet
+    assert "python jobs/train_stage.py --stage nlt --config" in capsys.readouterr().err
+    for stage in ("clip", "nlt", "le"):
+        assert train_stage.main(["--stage", stage, "--config", config]) == 0
+    home = tmp_path / "home" / "runs" / "t"
+    for stage in ("clip", "nlt", "le"):
+        meta = ckpt.read_meta(home / stage / "checkpoint")
+        select = resolve_config(stage, config).train.select
+        assert meta.stage == stage and meta.step == (4 if select == "final" else meta.best_step)
+        assert json.loads((home / stage / "result.json").read_text())["selected"] == select
+        assert (home / stage / "training_curve.png").exists()
+        rows = [json.loads(line) for line in (home / stage / "train_log.jsonl").read_text().splitlines()]
+        assert any("loss" in r for r in rows) and any("val/mR" in r for r in rows)
+    assert not (home / "le" / "checkpoint" / ckpt.OPTIM_FILE).exists()  # stage outputs carry no optimizer state
+    # the le stage started from nlt's weights: its frozen backbone equals clip's trained backbone
+    from safetensors.torch import load_file
+
+    clip_w = load_file(str(home / "clip" / "checkpoint" / "model.safetensors"))
+    le_w = load_file(str(home / "le" / "checkpoint" / "model.safetensors"))
+    assert all((clip_w[k] == le_w[k]).all() for k in clip_w if k.startswith("clip."))
+    out = tmp_path / "eval.json"
+    capsys.readouterr()
+    assert evaluate.main([str(home / "le" / "checkpoint"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| de |" in printed and "| zh |" in printed and "| en |" in printed
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"en", "de", "zh"} and report["split"] == "test"
+    assert evaluate.main([str(home / "clip" / "checkpoint"), "--baseline", "--langs", "en,fr"]) == 0
+
+
+def test_rerunning_the_same_config_resumes_instead_of_restarting(ray_local, micro_cfg):
+    from ccr_ray.train.driver import run_stage
+
+    cfg = micro_cfg("clip")
+    first = run_stage(cfg)
+    saved = sorted(p for p in os.listdir(first.run_path) if p.startswith("checkpoint_"))
+    # same name + storage: Ray Train V2 resumes from the last checkpoint (step 4 of 4): nothing is retrained
+    second = run_stage(cfg)
+    assert first.run_path == second.run_path
+    assert sorted(p for p in os.listdir(second.run_path) if p.startswith("checkpoint_")) == saved
+    assert ckpt.read_meta(second.checkpoint).step == 4
+    # a changed config is a different run
+    third = run_stage(micro_cfg("clip", optim={"lr": 5e-4}))
+    assert third.run_path != first.run_path
+
+
+def test_a_worker_that_crashes_once_resumes_from_its_checkpoint(ray_local, micro_data, tmp_path):
+    from ccr_ray.train.driver import run_stage
+    from ccr_ray.train.worker import CRASH_ENV
+
+    cfg = resolve_config("clip", micro_config(micro_data, str(tmp_path), train={"max_steps": 6, "eval_every": 2}))
+    result = run_stage(cfg, env={CRASH_ENV: "3"})
+    meta = ckpt.read_meta(result.checkpoint)
+    assert meta.step == 6
+    resumed = [r for r in result.history if r.get("event") == "resumed"]
+    assert [r["step"] for r in resumed] == [2]  # restarted from the step-2 checkpoint, not from scratch
+    markers = [f for f in os.listdir(cfg.home / "runs" / "t" / "ray") if f.endswith(".crashed")]
+    assert markers, "the crash hook did not fire"
