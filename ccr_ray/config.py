@@ -203,8 +203,11 @@ class ExperimentConfig:
         _check(m.mla.hidden > 0, "model.mla.hidden", "must be > 0")
         _check(m.dasd.core > 0, "model.dasd.core", "must be > 0")
         _check(m.dasd.sd_blocks >= 1, "model.dasd.sd_blocks", "must be >= 1")
-        _check(m.dasd.sr_init in ("normal", "copy_text_projection", "zeros", "uninitialised"), "model.dasd.sr_init",
-               "must be normal, copy_text_projection, zeros or uninitialised")
+        _check(m.dasd.sr_init in ("normal", "copy_text_projection", "zeros"), "model.dasd.sr_init",
+               "must be normal, copy_text_projection or zeros")
+        _check(m.dasd.latent_dim > 0 and all(h > 0 for h in m.dasd.discriminator_hidden), "model.dasd",
+               "latent_dim and discriminator_hidden sizes must be > 0")
+        _check(m.dasd.discriminator_lr > 0, "model.dasd.discriminator_lr", "must be > 0")
         _check(m.text.embed_dim > 0, "model.text.embed_dim", "must be > 0")
         _check(m.text.context_length >= 0, "model.text.context_length", "must be >= 0")
         o = self.optim

@@ -3,6 +3,10 @@
     contrastive_en       symmetric InfoNCE between images and English text (CLIP path)   spec 1, "CrossEn"
     contrastive_target   symmetric InfoNCE between images and target-language text        MLA LE / DASD CMA
     distill_mse          MSE(f_target, f_en) over B x D elements, teacher without grad     MLA NLT / DASD CLA, CMA
+    consistency_l1       L1(s_r, f_en): DASD semantic consistency in CLA                   spec 3.3
+    consistency_smoothl1 SmoothL1_beta=1(s_r, v): DASD semantic consistency in CMA         spec 3.3
+    adversarial_text     generator term BCE(D([s_a; f_en reversed]), onehot 0), CLA        spec 3.3
+    adversarial_image    the same with the image embedding v as the semantics, CMA         spec 3.3
 
 The contrastive loss is open_clip's `ClipLoss` with `local_loss=True, gather_with_grad=True`: every worker
 scores its own rows against the features gathered from all workers (with gradients), so under DDP the averaged
@@ -53,6 +57,21 @@ def distill_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 class LossSpec:
     needs: tuple[str, ...]  # model outputs the loss reads
     fn: Callable[[dict, LossContext], torch.Tensor]
+    adversarial_gold: str | None = None  # output the discriminator pairs with s_a (adversarial losses only)
+
+
+def consistency_l1(s_r: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    return F.l1_loss(s_r.float(), teacher.detach().float())
+
+
+def consistency_smoothl1(s_r: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    return F.smooth_l1_loss(s_r.float(), image.detach().float(), beta=1.0)
+
+
+def adversarial(gold: str) -> LossSpec:
+    """Generator term; the discriminator itself lives in ctx.extras["adversary"] (train/adversarial.py)."""
+    return LossSpec(("text_target", "s_a", gold), lambda o, c: c.extras["adversary"].generator_loss(o["s_a"], o[gold]),
+                    adversarial_gold=gold)
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -60,6 +79,11 @@ LOSSES: dict[str, LossSpec] = {
     "contrastive_target": LossSpec(("image", "text_target"),
                                    lambda o, c: contrastive(o["image"], o["text_target"], c)),
     "distill_mse": LossSpec(("text_target", "text_en"), lambda o, c: distill_mse(o["text_target"], o["text_en"])),
+    "consistency_l1": LossSpec(("text_target", "s_r", "text_en"), lambda o, c: consistency_l1(o["s_r"], o["text_en"])),
+    "consistency_smoothl1": LossSpec(("text_target", "s_r", "image"),
+                                     lambda o, c: consistency_smoothl1(o["s_r"], o["image"])),
+    "adversarial_text": adversarial("text_en"),
+    "adversarial_image": adversarial("image"),
 }
 
 

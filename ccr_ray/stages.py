@@ -9,6 +9,10 @@ Reading of `finetune-all` (spec 2.3 leaves it ambiguous): we implement reading (
 downstream data's own target-language captions, training only the acquirers and the multilingual embedding,
 on top of the finetune-en checkpoint. That is what MLA's README evaluation loads (CLIP from finetune-en,
 acquirers/embedding from finetune-all).
+
+DASD's two settings are recipes over these entries (README): zero-shot = clip (or a pretrained CLIP) -> cla -> cma;
+cross-lingual finetune = finetune-en from the pretrained CLIP (`run.init_from`), then cla -> cma on the
+machine-translated downstream captions (`data.pretrain` pointing at them).
 """
 
 from __future__ import annotations
@@ -128,6 +132,37 @@ STAGES: Mapping[str, Stage] = _table(
         parent="finetune-en",
         adapter="mla",
         defaults={"optim.lr": 5e-6, "train.max_steps": 10_000, "train.eval_every": 500, "train.batch_size": 128},
+    ),
+    Stage(
+        name="cla",
+        summary="DASD Cross-Lingual Alignment: MSE to the frozen English embedding + 0.1 L1(s_r, f_en) "
+        "+ 0.001 adversarial (text semantics)",
+        trains=MULTILINGUAL_PATH,
+        losses={"distill_mse": 1.0, "consistency_l1": 0.1, "adversarial_text": 0.001},
+        dataset="pretrain",
+        inputs=("text_en", "text_target"),
+        languages="targets",
+        eval_languages="targets",
+        parent="clip",
+        inherit="backbone",
+        parent_optional=True,
+        adapter="dasd",
+        defaults={"optim.lr": 2e-4, "train.max_steps": 45_000, "train.eval_every": 3_000, "train.batch_size": 128},
+    ),
+    Stage(
+        name="cma",
+        summary="DASD Cross-Modal Alignment: InfoNCE (scale 100) + MSE + 0.1 SmoothL1(s_r, v) "
+        "+ 0.001 adversarial (image semantics)",
+        trains=MULTILINGUAL_PATH,
+        losses={"contrastive_target": 1.0, "distill_mse": 1.0, "consistency_smoothl1": 0.1,
+                "adversarial_image": 0.001},
+        dataset="pretrain",
+        inputs=("image", "text_en", "text_target"),
+        languages="targets",
+        eval_languages="targets",
+        parent="cla",
+        adapter="dasd",
+        defaults={"optim.lr": 6e-6, "train.max_steps": 7_000, "train.eval_every": 500, "train.batch_size": 128},
     ),
 )
 

@@ -165,11 +165,13 @@ class CCRModel(nn.Module):
         unknown = wanted - set(all_groups)
         if unknown:
             raise KeyError(f"unknown parameter groups {sorted(unknown)}; known: {', '.join(all_groups)}")
+        frozen = {id(p) for p in getattr(self.adapters, "frozen_parameters", lambda: [])()}
         trainable = []
         for group, params in all_groups.items():
             for name, param in params:
-                param.requires_grad_(group in wanted)
-                if group in wanted:
+                train = group in wanted and id(param) not in frozen
+                param.requires_grad_(train)
+                if train:
                     trainable.append((name, param))
         return trainable
 
@@ -177,13 +179,13 @@ class CCRModel(nn.Module):
 # ---------------------------------------------------------------------------------------------- building
 
 
-def build_adapters(model_cfg, layers: int, width: int) -> nn.Module:
+def build_adapters(model_cfg, layers: int, width: int, embed_dim: int) -> nn.Module:
     if model_cfg.adapter == "mla":
         return MLAAdapters(model_cfg.languages, layers, width, model_cfg.mla.hidden)
     if model_cfg.adapter == "dasd":
         from ccr_ray.models.dasd import DASDAdapters
 
-        return DASDAdapters(model_cfg.languages, layers, width, model_cfg.dasd)
+        return DASDAdapters(model_cfg.languages, layers, width, model_cfg.dasd, embed_dim=embed_dim)
     raise ValueError(f"model.adapter: unknown adapter {model_cfg.adapter!r}")
 
 
@@ -200,7 +202,9 @@ def build_model(model_cfg, tokens: TokenizerInfo, clip_cfg: dict | None = None) 
         raise ValueError(f"model.text.context_length: {context} exceeds the backbone's {clip.context_length} "
                          "positions")
     embedding = MultilingualEmbedding(tokens.vocab_size, model_cfg.text.embed_dim, width)
-    adapters = build_adapters(model_cfg, len(clip.transformer.resblocks), width)
+    proj = clip.text_projection
+    embed_dim = proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
+    adapters = build_adapters(model_cfg, len(clip.transformer.resblocks), width, embed_dim)
     return CCRModel(clip, embedding, adapters, tokens, context)
 
 

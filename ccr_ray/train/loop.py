@@ -27,9 +27,11 @@ from ccr_ray.models.ccr import CCRModel, TokenizerInfo, build_model, load_mbert_
 from ccr_ray.optim import Optimization
 from ccr_ray.stages import STAGES, Stage
 from ccr_ray.train import checkpoint as ckpt
+from ccr_ray.train.adversarial import Adversary
 
 log = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100.0)  # open_clip clamps the learned scale at 100
+ADVERSARY_OPTIM = "adam/"  # prefix of the discriminator's own optimizer state in optimizer.safetensors
 
 
 def language_for_step(seed: int, step: int, languages: list[str]) -> str:
@@ -105,6 +107,10 @@ def build_stage_model(cfg: ExperimentConfig, stage: Stage, tokenizer_dir: str, p
         ckpt.load_weights_into(model, parent, stage.inherit)
     elif cfg.model.backbone.pretrained:
         backbone.load_backbone_weights(model.clip, cfg.path(cfg.model.backbone.pretrained))
+    if not parent or stage.inherit == "backbone":
+        hook = getattr(model.adapters, "after_backbone_loaded", None)
+        if hook is not None:
+            hook(model.clip)
     if cfg.model.text.embeddings_init and (not parent or stage.inherit == "backbone"):
         table = load_mbert_embeddings(cfg.path(cfg.model.text.embeddings_init))
         if tuple(table.shape) != tuple(model.embedding.token_embedding.weight.shape):
@@ -126,6 +132,7 @@ class TrainState:
     precision: str
     loss_ctx: LossContext
     module: nn.Module | None = None  # what forward runs through: the model, or its DDP wrapper
+    adversary: Adversary | None = None  # DASD's discriminator (training only; never part of the model)
     step: int = 0
     best_score: float | None = None
     best_step: int | None = None
@@ -146,9 +153,20 @@ class TrainState:
         model, artifacts = build_stage_model(cfg, stage, tokenizer_dir, parent)
         model.to(device)
         trainable = model.set_trainable(stage.trains)
+        adversary = None
+        if any(LOSSES[name].adversarial_gold for name, w in cfg.loss.weights.items() if w):
+            embed = model.clip.text_projection.shape[-1]
+            adversary = Adversary(model.width + embed, cfg.model.dasd, device)
+            if parent and stage.inherit == "all":  # CMA carries CLA's discriminator on (spec 3.3)
+                aux = ckpt.load_tensors(parent, ckpt.AUX_FILE)
+                if aux is not None:
+                    adversary.load_weights(aux)
+            if adversary.in_main_optimizer:
+                trainable = trainable + adversary.named_parameters()
         optim = Optimization(trainable, cfg.optim, t_total=cfg.train.max_steps)
-        ctx = LossContext(rank=rank, world_size=world_size, scale=cfg.loss.scale)
-        return cls(cfg, stage, model, artifacts, optim, device, resolve_precision(cfg, device), ctx)
+        ctx = LossContext(rank=rank, world_size=world_size, scale=cfg.loss.scale, extras={"adversary": adversary})
+        return cls(cfg, stage, model, artifacts, optim, device, resolve_precision(cfg, device), ctx,
+                   adversary=adversary)
 
     @property
     def needs(self) -> set[str]:
@@ -166,17 +184,26 @@ class TrainState:
         batch = trim_padding(batch, self.padding_invariant)
         with autocast(self.device, self.precision):
             outputs = self.module(batch, lang, tuple(self.needs))
+        extra: dict[str, float] = {}
+        if self.adversary is not None:
+            # discriminator first, on detached features, so the generator term sees the updated discriminator
+            for name, weight in self.cfg.loss.weights.items():
+                gold = LOSSES[name].adversarial_gold
+                if weight and gold:
+                    extra["discriminator"] = self.adversary.train_discriminator(outputs["s_a"], outputs[gold])
         if self.cfg.loss.learn_scale:
             self.loss_ctx.scale = self.model.clip.logit_scale.exp()
         total, terms = compute_losses(self.cfg.loss.weights, outputs, self.loss_ctx)
         self.optim.zero_grad()
         total.backward()
+        if self.adversary is not None and self.adversary.in_main_optimizer:
+            self.adversary.sync_grads()
         self.optim.step()
         if self.cfg.loss.learn_scale:
             with torch.no_grad():
                 self.model.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         self.step += 1
-        return {"loss": float(total.detach()), **terms}
+        return {"loss": float(total.detach()), **terms, **extra}
 
     # ---------------------------------------------------------------- validation
     def validate(self, table: pa.Table, dataset_root: str | None = None) -> dict[str, float]:
@@ -204,8 +231,15 @@ class TrainState:
 
     def save(self, path: str | Path, metrics: dict | None = None, with_optimizer: bool = True) -> Path:
         tensors, scalars = self.optim.state_tensors() if with_optimizer else (None, None)
+        aux = None
+        if self.adversary is not None:
+            aux = self.adversary.weights()
+            if with_optimizer:
+                d_tensors, d_scalars = self.adversary.optimizer_tensors()
+                tensors.update({ADVERSARY_OPTIM + k: v for k, v in d_tensors.items()})
+                scalars["adversary"] = d_scalars
         return ckpt.save_checkpoint(path, self.model, self.meta(metrics), tokenizer_dir=self.artifacts.tokenizer_dir,
-                                    optimizer=tensors, optimizer_scalars=scalars)
+                                    aux=aux, optimizer=tensors, optimizer_scalars=scalars)
 
     def restore(self, path: str | Path) -> None:
         """Resume: weights, optimizer moments, step, best score and log from a checkpoint of this run."""
@@ -214,8 +248,17 @@ class TrainState:
         meta = ckpt.read_meta(path)
         self.model.load_state_dict(load_file(str(Path(path) / ckpt.MODEL_FILE)), strict=True)
         tensors = ckpt.load_tensors(path, ckpt.OPTIM_FILE)
+        scalars = ckpt.load_optimizer_scalars(path)
         if tensors is not None:
-            self.optim.load_state_tensors(tensors, ckpt.load_optimizer_scalars(path))
+            main = {k: v for k, v in tensors.items() if not k.startswith(ADVERSARY_OPTIM)}
+            self.optim.load_state_tensors(main, scalars)
+        if self.adversary is not None:
+            aux = ckpt.load_tensors(path, ckpt.AUX_FILE)
+            if aux is not None:
+                self.adversary.load_weights(aux)
+            if tensors is not None:
+                own = {k[len(ADVERSARY_OPTIM):]: v for k, v in tensors.items() if k.startswith(ADVERSARY_OPTIM)}
+                self.adversary.load_optimizer_tensors(own, scalars.get("adversary", {}))
         self.step, self.best_score, self.best_step = meta.step, meta.best_score, meta.best_step
         self.history = list(meta.log)
 

@@ -1,0 +1,101 @@
+"""DASD's adversarial game, outside the model (spec 3.1c, 3.3). Plain PyTorch + torch.distributed, no Ray.
+
+Per training step, after the model's forward pass:
+  1. `train_discriminator(s_a, gold)`: L_D on detached inputs, the discriminator's own Adam (lr 1e-4,
+     betas (0.9, 0.999), eps 1e-8, no decay), in fp32 outside autocast. Under DDP its gradients are averaged
+     across workers by hand (the discriminator is not part of the DDP-wrapped model), so every worker keeps
+     identical discriminator weights.
+  2. The model loss gets `generator_loss(s_a, gold)` (weight 0.001 in the stage table): it flows into s_a only.
+     The discriminator's weights take no part in the main update unless `discriminator_in_main_optimizer`
+     restores the public code's behaviour (then their generator-loss gradients are averaged too and the main
+     BertAdam steps them as well).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ccr_ray.models.dasd import Discriminator, discriminator_loss, generator_loss
+
+PREFIX = "discriminator."
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class Adversary:
+    def __init__(self, in_dim: int, cfg, device: torch.device):
+        self.cfg = cfg
+        self.in_main_optimizer = cfg.discriminator_in_main_optimizer
+        self.disc = Discriminator(in_dim, list(cfg.discriminator_hidden)).to(device)
+        self.optimizer = torch.optim.Adam(self.disc.parameters(), lr=cfg.discriminator_lr, betas=(0.9, 0.999),
+                                          eps=1e-8, weight_decay=0.0)
+        if _distributed():
+            for p in self.disc.parameters():
+                dist.broadcast(p.data, src=0)
+
+    def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(PREFIX + n, p) for n, p in self.disc.named_parameters()]
+
+    def sync_grads(self) -> None:
+        if not _distributed():
+            return
+        world = dist.get_world_size()
+        for p in self.disc.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+
+    def train_discriminator(self, s_a: torch.Tensor, gold: torch.Tensor) -> float:
+        self.disc.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=s_a.device.type, enabled=False):
+            loss = discriminator_loss(self.disc, s_a, gold)
+        loss.backward()
+        self.sync_grads()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def generator_loss(self, s_a: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+        # the discriminator's weights only need gradients when the main optimizer also steps them
+        for p in self.disc.parameters():
+            p.requires_grad_(self.in_main_optimizer)
+        try:
+            with torch.autocast(device_type=s_a.device.type, enabled=False):
+                return generator_loss(self.disc, s_a, gold)
+        finally:
+            for p in self.disc.parameters():
+                p.requires_grad_(True)
+
+    # ---------------------------------------------------------------- checkpoint state (tensors only)
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {PREFIX + k: v for k, v in self.disc.state_dict().items()}
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> bool:
+        own = {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
+        if not own:
+            return False
+        self.disc.load_state_dict(own, strict=True)
+        return True
+
+    def optimizer_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors, scalars = {}, {}
+        for name, p in self.named_parameters():
+            for key, value in self.optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    tensors[f"{name}::{key}"] = value.detach().cpu().clone()
+                else:
+                    scalars.setdefault(name, {})[key] = float(value)
+        return tensors, scalars
+
+    def load_optimizer_tensors(self, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+        for name, p in self.named_parameters():
+            state = {k: torch.tensor(v) for k, v in scalars.get(name, {}).items()}
+            for full, value in tensors.items():
+                if full.startswith(f"{name}::"):
+                    state[full.split("::", 1)[1]] = value.to(p.device, copy=True)
+            if state:
+                self.optimizer.state[p] = state
