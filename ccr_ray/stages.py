@@ -48,6 +48,8 @@ class Stage:
 
         nested = dotted_to_nested(dict(self.defaults))
         nested.setdefault("loss", {})["weights"] = dict(self.losses)
+        if self.adapter is not None:  # cla/cma build DASD adapters unless a config says otherwise (then it fails)
+            nested.setdefault("model", {})["adapter"] = self.adapter
         return nested
 
     @property

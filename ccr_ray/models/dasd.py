@@ -146,9 +146,15 @@ class Discriminator(nn.Module):
         return self.net(x)
 
 
-def adversarial_pairs(s_a: torch.Tensor, gold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """m_i = [s_a,i ; gold_{B-1-i}] (another sample's semantics), u_i = [s_a,i ; gold_i] (its own)."""
-    return torch.cat([s_a, gold.flip(0)], dim=-1), torch.cat([s_a, gold], dim=-1)
+def adversarial_pairs(s_a: torch.Tensor, gold: torch.Tensor, partner: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """m_i = [s_a,i ; gold_{B-1-i}] (another sample's semantics), u_i = [s_a,i ; gold_i] (its own).
+
+    `partner` is gold_{B-1-i} for each local row; by default the local batch reversed. Under DDP the caller
+    passes the reversal of the *global* batch (train/adversarial.py), so N workers pair the same samples as one
+    process would."""
+    partner = gold.flip(0) if partner is None else partner
+    return torch.cat([s_a, partner], dim=-1), torch.cat([s_a, gold], dim=-1)
 
 
 def onehot(n: int, index: int, like: torch.Tensor) -> torch.Tensor:
@@ -157,16 +163,20 @@ def onehot(n: int, index: int, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def discriminator_loss(disc: nn.Module, s_a: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+def discriminator_loss(disc: nn.Module, s_a: torch.Tensor, gold: torch.Tensor, partner: torch.Tensor | None = None
+                       ) -> torch.Tensor:
     """L_D = 1/2 [BCE(D(m), onehot 1) + BCE(D(u), onehot 0)], on detached inputs (spec 3.3)."""
-    m, u = adversarial_pairs(s_a.detach().float(), gold.detach().float())
+    partner = None if partner is None else partner.detach().float()
+    m, u = adversarial_pairs(s_a.detach().float(), gold.detach().float(), partner)
     lm, lu = disc(m), disc(u)
     return 0.5 * (F.binary_cross_entropy_with_logits(lm, onehot(len(m), 1, lm))
                   + F.binary_cross_entropy_with_logits(lu, onehot(len(u), 0, lu)))
 
 
-def generator_loss(disc: nn.Module, s_a: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+def generator_loss(disc: nn.Module, s_a: torch.Tensor, gold: torch.Tensor, partner: torch.Tensor | None = None
+                   ) -> torch.Tensor:
     """BCE(D(m), onehot 0), averaged over B x 2 logits; gradients reach s_a (gold is a frozen feature)."""
-    m, _ = adversarial_pairs(s_a.float(), gold.detach().float())
+    partner = None if partner is None else partner.detach().float()
+    m, _ = adversarial_pairs(s_a.float(), gold.detach().float(), partner)
     logits = disc(m)
     return F.binary_cross_entropy_with_logits(logits, onehot(len(m), 0, logits))

@@ -9,6 +9,9 @@ Per training step, after the model's forward pass:
      The discriminator's weights take no part in the main update unless `discriminator_in_main_optimizer`
      restores the public code's behaviour (then their generator-loss gradients are averaged too and the main
      BertAdam steps them as well).
+"Another sample's semantics" is the batch reversal i -> B-1-i of the *global* batch: under DDP the frozen gold
+features are all-gathered (no gradient needed) and each worker takes its rows' partners from the reversed
+whole, so N workers compute exactly what one process computes on the same global batch.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class Adversary:
     def __init__(self, in_dim: int, cfg, device: torch.device):
         self.cfg = cfg
         self.in_main_optimizer = cfg.discriminator_in_main_optimizer
+        self._partner: tuple[torch.Tensor, torch.Tensor] | None = None  # (gold, its partners) of the current step
         self.disc = Discriminator(in_dim, list(cfg.discriminator_hidden)).to(device)
         self.optimizer = torch.optim.Adam(self.disc.parameters(), lr=cfg.discriminator_lr, betas=(0.9, 0.999),
                                           eps=1e-8, weight_decay=0.0)
@@ -49,23 +53,42 @@ class Adversary:
             dist.all_reduce(p.grad)
             p.grad.div_(world)
 
-    def train_discriminator(self, s_a: torch.Tensor, gold: torch.Tensor) -> float:
+    def partner(self, gold: torch.Tensor) -> torch.Tensor:
+        """gold of sample B-1-i of the global batch for each local row i (workers hold equal local batches).
+        The discriminator step and the generator term of one training step share one all-gather."""
+        if self._partner is not None and self._partner[0] is gold:
+            return self._partner[1]
+        if _distributed():
+            gathered = [torch.empty_like(gold) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, gold.detach().contiguous())
+            rank, local = dist.get_rank(), gold.shape[0]
+            partner = torch.cat(gathered).flip(0)[rank * local:(rank + 1) * local]
+        else:
+            partner = gold.flip(0)
+        self._partner = (gold, partner)
+        return partner
+
+    def train_discriminator(self, s_a: torch.Tensor, gold: torch.Tensor, partner: torch.Tensor | None = None
+                            ) -> float:
         self.disc.train()
         self.optimizer.zero_grad(set_to_none=True)
+        partner = self.partner(gold) if partner is None else partner
         with torch.autocast(device_type=s_a.device.type, enabled=False):
-            loss = discriminator_loss(self.disc, s_a, gold)
+            loss = discriminator_loss(self.disc, s_a, gold, partner)
         loss.backward()
         self.sync_grads()
         self.optimizer.step()
         return float(loss.detach())
 
-    def generator_loss(self, s_a: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+    def generator_loss(self, s_a: torch.Tensor, gold: torch.Tensor, partner: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        partner = self.partner(gold) if partner is None else partner
         # the discriminator's weights only need gradients when the main optimizer also steps them
         for p in self.disc.parameters():
             p.requires_grad_(self.in_main_optimizer)
         try:
             with torch.autocast(device_type=s_a.device.type, enabled=False):
-                return generator_loss(self.disc, s_a, gold)
+                return generator_loss(self.disc, s_a, gold, partner)
         finally:
             for p in self.disc.parameters():
                 p.requires_grad_(True)

@@ -1,8 +1,9 @@
 """2-worker DDP (gloo) equals 1 worker on the same global batch: gradients through the all-gathered contrastive
-loss, DDP averaging and BertAdam's per-tensor clipping compose to the single-process update."""
+loss, DDP averaging and BertAdam's per-tensor clipping compose to the single-process update. For DASD (cla, cma)
+also the discriminator: its own Adam with hand-averaged gradients, and the adversarial pairing over the global
+batch reversal."""
 
 import os
-import tempfile
 
 import numpy as np
 import pytest
@@ -36,66 +37,79 @@ def global_batches(micro_data, context):
     return batches
 
 
+def trained_vector(state) -> np.ndarray:
+    """Every parameter the stage updates: the model's trainable ones, then DASD's discriminator (if any)."""
+    params = [p for _, p in state.model.named_parameters() if p.requires_grad]
+    if state.adversary is not None:
+        params += list(state.adversary.disc.parameters())
+    return torch.cat([p.detach().flatten() for p in params]).numpy()
+
+
+def run_steps(cfg_dict, data, rank=0, world=1, wrap=None):
+    from ccr_ray.config import ExperimentConfig
+    from ccr_ray.train.loop import TrainState
+
+    cfg = ExperimentConfig.from_dict(cfg_dict)
+    state = TrainState.create(cfg, os.path.join(data, "tokenizer"), None, "cpu", rank, world)
+    if wrap is not None:
+        state.module = wrap(state.model)
+    local = GLOBAL_BATCH // world
+    for lang, batch in global_batches(data, 77):
+        state.train_step({k: v[rank * local:(rank + 1) * local] for k, v in batch.items()}, lang)
+    return state
+
+
 def train_fn(config):
     import ray.train
     import ray.train.torch
 
-    from ccr_ray.config import ExperimentConfig
-    from ccr_ray.train.loop import TrainState
-
-    cfg = ExperimentConfig.from_dict(config["experiment"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(1)
-    state = TrainState.create(cfg, os.path.join(config["data"], "tokenizer"), None, "cpu", rank, world)
-    if world > 1:
-        state.module = ray.train.torch.prepare_model(
-            state.model, move_to_device=False,
-            parallel_strategy_kwargs={"find_unused_parameters": True, "broadcast_buffers": False})
-    local = GLOBAL_BATCH // world
-    for lang, batch in global_batches(config["data"], 77):
-        state.train_step({k: v[rank * local:(rank + 1) * local] for k, v in batch.items()}, lang)
-    with tempfile.TemporaryDirectory() as tmp:
-        if rank == 0:
-            trained = torch.cat([p.detach().flatten() for _, p in state.model.named_parameters() if p.requires_grad])
-            np.save(os.path.join(tmp, "params.npy"), trained.numpy())
-            ray.train.report({"done": 1}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report({"done": 1})
+    wrap = lambda model: ray.train.torch.prepare_model(  # noqa: E731
+        model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True,
+                                                               "broadcast_buffers": False})
+    state = run_steps(config["experiment"], config["data"], rank, world, wrap)
+    # every worker writes what it holds: DDP replicas and the (hand-synchronised) discriminators must agree
+    np.save(os.path.join(config["out"], f"rank{rank}.npy"), trained_vector(state))
+    ray.train.report({"done": 1})
 
 
-def fit(stage, workers, micro_data, tmp_path):
+def config_for(stage, micro_data, tmp_path):
+    from ccr_ray.config import resolve_config
+
+    return resolve_config(stage, micro_config(micro_data, str(tmp_path), optim={"lr": 1e-2, "warmup": 0.0},
+                                              train={"batch_size": GLOBAL_BATCH, "max_steps": STEPS})).to_dict()
+
+
+@pytest.mark.parametrize("stage", ["le", "nlt", "cla", "cma"])
+def test_two_workers_match_one_worker(ray_local, micro_data, tmp_path, stage):
+    """The 1-worker reference runs in this process: the same TrainState code a 1-worker Ray run executes."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ccr_ray.config import resolve_config
-
-    cfg = resolve_config(stage, micro_config(micro_data, str(tmp_path), optim={"lr": 1e-2, "warmup": 0.0},
-                                             train={"batch_size": GLOBAL_BATCH, "max_steps": STEPS}))
+    cfg = config_for(stage, micro_data, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
     trainer = TorchTrainer(
-        train_fn, train_loop_config={"experiment": cfg.to_dict(), "data": micro_data},
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
-        run_config=ray.train.RunConfig(name=f"ddp-{stage}-{workers}", storage_path=str(tmp_path / "ray"),
+        train_fn, train_loop_config={"experiment": cfg, "data": micro_data, "out": str(out)},
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=ray.train.RunConfig(name=f"ddp-{stage}", storage_path=str(tmp_path / "ray"),
                                        failure_config=ray.train.FailureConfig(controller_failure_limit=0)))
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as folder:
-        return np.load(os.path.join(folder, "params.npy"))
-
-
-@pytest.mark.parametrize("stage", ["le", "nlt"])
-def test_two_workers_match_one_worker(ray_local, micro_data, tmp_path, stage):
-    from ccr_ray.config import resolve_config
+    trainer.fit()
+    rank0, rank1 = np.load(out / "rank0.npy"), np.load(out / "rank1.npy")
+    torch.set_num_threads(1)
+    one = trained_vector(run_steps(cfg, micro_data))
+    from ccr_ray.config import ExperimentConfig
     from ccr_ray.train.loop import TrainState
 
-    one = fit(stage, 1, micro_data, tmp_path)
-    two = fit(stage, 2, micro_data, tmp_path)
-    cfg = resolve_config(stage, micro_config(micro_data, str(tmp_path)))
-    init = TrainState.create(cfg, os.path.join(micro_data, "tokenizer"), None, "cpu").model
-    start = torch.cat([p.detach().flatten() for _, p in init.named_parameters() if p.requires_grad]).numpy()
-    assert one.shape == two.shape == start.shape
+    start = trained_vector(TrainState.create(ExperimentConfig.from_dict(cfg), os.path.join(micro_data, "tokenizer"),
+                                             None, "cpu"))
+    assert one.shape == rank0.shape == rank1.shape == start.shape
     assert np.abs(one - start).max() > 1e-3  # training moved the weights, so agreement means something
+    assert np.array_equal(rank0, rank1)  # replicas (and discriminators) stay identical across workers
     # float reduction order differs (all-gather, gradient averaging); Adam's normalisation magnifies it in a few
     # rarely-updated elements, so bound the worst element loosely and the typical one tightly
-    diff = np.abs(two - one)
+    diff = np.abs(rank0 - one)
     assert diff.max() < 5e-5, diff.max()
     assert diff.mean() < 1e-7, diff.mean()
