@@ -88,14 +88,15 @@ def save_checkpoint(path: str | os.PathLike, model: CCRModel, meta: CheckpointMe
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         if tokenizer_dir and Path(tokenizer_dir).is_dir():
             shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
-        _swap_in(tmp, target)
+        swap_in(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
 
 
-def _swap_in(tmp: Path, target: Path) -> None:
+def swap_in(tmp: Path, target: Path) -> None:
+    """Replace folder `target` by the finished folder `tmp` with renames (readers see old or new, never half)."""
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
@@ -112,7 +113,7 @@ def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, drop_optimiz
     tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
     ignore = shutil.ignore_patterns(OPTIM_FILE) if drop_optimizer else None
     shutil.copytree(src, tmp, ignore=ignore)
-    _swap_in(tmp, dst)
+    swap_in(tmp, dst)
     return dst
 
 
@@ -189,5 +190,6 @@ def tensor_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape first: a 0-d tensor (logit_scale) cannot be viewed as bytes
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()

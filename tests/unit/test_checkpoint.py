@@ -101,3 +101,5 @@ def test_fingerprint_changes_with_weights():
     a = {"w": torch.ones(3)}
     assert ckpt.tensor_fingerprint(a) == ckpt.tensor_fingerprint({"w": torch.ones(3)})
     assert ckpt.tensor_fingerprint(a) != ckpt.tensor_fingerprint({"w": torch.ones(3) * 2})
+    # 0-d tensors (CLIP's logit_scale) hash too, by value
+    assert ckpt.tensor_fingerprint({"s": torch.tensor(4.6)}) != ckpt.tensor_fingerprint({"s": torch.tensor(4.7)})
