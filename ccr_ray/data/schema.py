@@ -6,6 +6,7 @@ A dataset is a folder:
     <root>/<split>/part-00000.parquet      sharded Parquet, one row per image
     <root>/tokenizer/                      optional: a Hugging Face tokenizer folder trained for this data (demo)
     <root>/rejects/*.parquet               optional: quarantined records (converters), with a reason each
+    <root>/prepare_report.json             optional: the converter's report (counts per split/language, rejects)
 
 Row format ("wide": one row per image, one caption-list column per language):
 
@@ -41,6 +42,8 @@ CAPTIONS_PREFIX = "captions_"
 MANIFEST = "dataset.json"
 TOKENIZER_DIR = "tokenizer"
 NO_FOLD = -1
+REJECTS_DIR = "rejects"
+PREPARE_REPORT = "prepare_report.json"  # what the converters write beside the manifest (counts, rejects by reason)
 
 
 def captions_column(lang: str) -> str:
@@ -57,6 +60,21 @@ def arrow_schema(languages: list[str]) -> pa.Schema:
     ]
     fields += [pa.field(captions_column(lang), pa.list_(pa.string()), nullable=False) for lang in languages]
     return pa.schema(fields)
+
+
+def reject_schema() -> pa.Schema:
+    """Quarantined records (`<root>/rejects/*.parquet`): one row per source record that could not be used."""
+    return pa.schema([
+        pa.field("source_file", pa.string(), nullable=False),  # the input file that held the record
+        pa.field("key", pa.string()),  # image key (or id) where known
+        pa.field("split", pa.string()),
+        pa.field("language", pa.string()),
+        pa.field("line", pa.int64(), nullable=False),  # 1-based line in source_file; 0 = not line-based
+        pa.field("reason", pa.string(), nullable=False),  # a stable name, e.g. corrupt_image, empty_caption
+        pa.field("detail", pa.string()),
+        pa.field("captions", pa.int32(), nullable=False),  # captions lost with the record
+        pa.field("raw", pa.binary()),  # the offending bytes (a line, a caption), capped, where there are any
+    ])
 
 
 def languages_of(schema: pa.Schema) -> list[str]:

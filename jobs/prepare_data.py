@@ -1,0 +1,246 @@
+"""Convert a real dataset into ccr-ray's layout (sharded Parquet + dataset.json), quarantining bad records.
+
+Usage:
+    python jobs/prepare_data.py SOURCE --out DIR [common options] [source options]
+
+SOURCE and its inputs:
+    seeds      --path-json FILE [--path-json FILE ...] [--data-root DIR] [--path-prefix PREFIX ...]
+    cc300k     --images DIR (--tsv-dir DIR | --tsv LANG=FILE ...) [--top 300000] [--seed 42] [--existing-ids JSON]
+    multi30k   --multi30k DIR --images DIR [--images DIR ...] [--no-task2]
+    xtd10      --xtd10 DIR --images DIR [--images DIR ...]
+    xflickrco  --xflickrco DIR --images DIR [--images DIR ...]
+    coco-cn    --captions FILE [FILE ...] --images DIR [--split test | --split-list NAME=FILE ...]
+
+Common options:
+    --out DIR                  output dataset folder; must not exist (or be empty) unless --force
+    --force                    replace an earlier output of this job (a folder holding dataset.json or
+                               prepare_report.json; any other non-empty folder is refused)
+    --images-as bytes|path     embed the encoded image files (default) or store their absolute paths
+    --languages en,de,...      keep only these languages
+    --splits train,val,...     keep only these splits (seeds, multi30k, xflickrco)
+    --tokenizer DIR            tokenizer folder (M-BERT) to count truncated non-English captions; English is
+                               always checked with CLIP's BPE
+    --context-length 77        tokens per caption for the truncation count
+    --max-bad-fraction 0.01    fail (exit 3) when more than this fraction of captions is rejected
+    --shard-size 1000          images per Parquet shard (one Ray Data task each)
+    --task-cpus 0.5            CPUs per Ray Data task
+
+Writes DIR/<split>/part-*.parquet, DIR/rejects/part-00000.parquet (every unusable record with its source file,
+key, reason), DIR/prepare_report.json (counts per split and language, rejects by reason, truncation) and, only
+when the run succeeds, DIR/dataset.json. Inputs and config are checked before any Ray work. The job joins the
+cluster in RAY_ADDRESS, else starts a local Ray. Exit codes: 0 ok, 2 bad arguments or inputs, 3 too many bad
+records (rejects and report are still written, the manifest is not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from _common import fail, quiet_ray_env
+
+from ccr_ray.data import schema
+from ccr_ray.data.converters import SOURCES
+from ccr_ray.data.converters.records import InputError, ParseResult, check_languages
+
+EXIT_TOO_MANY_BAD = 3
+
+
+def _pairs(values: list[str], option: str) -> dict[str, str]:
+    out = {}
+    for item in values:
+        if "=" not in item:
+            raise InputError(f"{option}: expected NAME=FILE, got {item!r}")
+        name, path = item.split("=", 1)
+        out[name.strip()] = path
+    return out
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", required=True)
+    common.add_argument("--force", action="store_true")
+    common.add_argument("--images-as", choices=["bytes", "path"], default="bytes")
+    common.add_argument("--languages", default=None)
+    common.add_argument("--tokenizer", default=None)
+    common.add_argument("--context-length", type=int, default=77)
+    common.add_argument("--max-bad-fraction", type=float, default=0.01)
+    common.add_argument("--shard-size", type=int, default=1000)
+    common.add_argument("--task-cpus", type=float, default=0.5)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    p = sub.add_parser("seeds", parents=[common], help="MLA/DASD path JSON + caption JSON + .npy splits")
+    p.add_argument("--path-json", action="append", required=True)
+    p.add_argument("--data-root", default=None, help="local folder that replaces the authors' dataset/ prefix")
+    p.add_argument("--path-prefix", action="append", default=None,
+                   help="absolute prefix to replace with --data-root (default: the released files' prefix)")
+    p.add_argument("--splits", default=None)
+    p = sub.add_parser("cc300k", parents=[common], help="UC2 translated CC3M TSVs")
+    p.add_argument("--images", required=True)
+    p.add_argument("--tsv-dir", default=None)
+    p.add_argument("--tsv", action="append", default=[], metavar="LANG=FILE")
+    p.add_argument("--top", type=int, default=300_000)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--existing-ids", default=None)
+    p = sub.add_parser("multi30k", parents=[common], help="Multi30K raw text files")
+    p.add_argument("--multi30k", required=True)
+    p.add_argument("--images", action="append", required=True)
+    p.add_argument("--no-task2", action="store_true", help="every language from task1 (1 caption, parallel)")
+    p.add_argument("--splits", default=None)
+    p = sub.add_parser("xtd10", parents=[common], help="XTD10 caption files")
+    p.add_argument("--xtd10", required=True)
+    p.add_argument("--images", action="append", required=True)
+    p = sub.add_parser("xflickrco", parents=[common], help="IGLUE xFlickr&CO JSON lines")
+    p.add_argument("--xflickrco", required=True)
+    p.add_argument("--images", action="append", required=True)
+    p.add_argument("--splits", default=None)
+    p = sub.add_parser("coco-cn", parents=[common], help="COCO-CN sentence files")
+    p.add_argument("--captions", nargs="+", required=True)
+    p.add_argument("--images", action="append", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--split-list", action="append", default=[], metavar="NAME=FILE")
+    assert set(sub.choices) == set(SOURCES)
+    return parser
+
+
+def parse_source(args: argparse.Namespace, languages: list[str] | None) -> ParseResult:
+    """Ray-free: every input path and config field is checked here, before any Ray work."""
+    splits = _csv(getattr(args, "splits", None))
+    if args.source == "seeds":
+        from ccr_ray.data.converters import seeds
+
+        prefixes = tuple(args.path_prefix) if args.path_prefix else seeds.AUTHOR_PREFIXES
+        return seeds.parse(args.path_json, args.data_root, prefixes, languages, splits)
+    if args.source == "cc300k":
+        from ccr_ray.data.converters import cc300k
+
+        return cc300k.parse(args.images, args.tsv_dir, _pairs(args.tsv, "--tsv"), languages, args.top, args.seed,
+                            args.existing_ids)
+    if args.source == "multi30k":
+        from ccr_ray.data.converters import multi30k
+
+        return multi30k.parse(args.multi30k, args.images, languages, splits, task2=not args.no_task2)
+    if args.source == "xtd10":
+        from ccr_ray.data.converters import xtd10
+
+        return xtd10.parse(args.xtd10, args.images, languages)
+    if args.source == "xflickrco":
+        from ccr_ray.data.converters import xflickrco
+
+        return xflickrco.parse(args.xflickrco, args.images, languages, splits)
+    from ccr_ray.data.converters import coco_cn
+
+    lang = (languages or ["zh"])
+    if len(lang) != 1:
+        raise InputError("--languages: COCO-CN files hold one language (zh)")
+    return coco_cn.parse(args.captions, args.images, args.split, _pairs(args.split_list, "--split-list") or None,
+                         lang[0])
+
+
+def prepare_out(out: str, force: bool) -> Path:
+    path = Path(out).resolve()
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--out: {path} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()):
+        ours = (path / schema.MANIFEST).exists() or (path / schema.PREPARE_REPORT).exists()
+        if not force:
+            raise InputError(f"--out: {path} already exists and is not empty; --force replaces it")
+        if not ours:
+            raise InputError(f"--out: {path} is not a folder this job wrote (no {schema.MANIFEST} or "
+                             f"{schema.PREPARE_REPORT}); refusing to delete it, remove it yourself")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse exits on bad arguments and --help; jobs return their code
+        return int(exit_.code or 0)
+    quiet_ray_env()
+    start = time.perf_counter()
+    try:
+        if not 0.0 <= args.max_bad_fraction <= 1.0:
+            raise InputError(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}")
+        if args.shard_size <= 0 or args.task_cpus <= 0 or args.context_length <= 2:
+            raise InputError("--shard-size and --task-cpus must be > 0, --context-length > 2")
+        if getattr(args, "splits", None) is not None and not _csv(args.splits):
+            raise InputError("--splits: empty")
+        languages = check_languages(_csv(args.languages)) if args.languages else None
+        tokenizer = None
+        if args.tokenizer:
+            folder = Path(args.tokenizer)
+            if not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.txt")):
+                raise InputError(f"--tokenizer: {folder} is not a tokenizer folder (no tokenizer.json or vocab.txt)")
+            tokenizer = str(folder.resolve())
+        out = prepare_out(args.out, args.force)
+        parsed = parse_source(args, languages)
+    except InputError as err:
+        return fail(str(err))
+    parse_s = time.perf_counter() - start
+
+    from ccr_ray.data.converters import report as rep
+    from ccr_ray.data.converters.shards import WriteSpec, plan_shards
+
+    if args.force and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = WriteSpec(out=str(out), languages=tuple(parsed.languages()), image_storage=args.images_as,
+                     context_length=args.context_length, tokenizer=tokenizer)
+    rejects = list(parsed.rejects)
+    pre = rep.bad_fraction(sum(r.n_captions for r in parsed.records), rejects)
+    if not parsed.records or pre > args.max_bad_fraction:
+        # fail before the (long) image stage: the rejects and report are written for inspection
+        report = rep.build_report(parsed, args.source, spec, rejects, None, args.max_bad_fraction,
+                                  {"parse": parse_s, "total": time.perf_counter() - start})
+        report["status"] = "failed"
+        rep.write_rejects(out, rejects)
+        rep.write_report(out, report)
+        print(rep.summary_text(report))
+        if not parsed.records:
+            return fail(f"no usable record in the input; see {out / schema.REJECTS_DIR} and "
+                        f"{out / schema.PREPARE_REPORT}", EXIT_TOO_MANY_BAD)
+        return fail(f"{pre:.2%} of the captions were rejected while parsing (max --max-bad-fraction "
+                    f"{args.max_bad_fraction:.2%}); worst reasons: {rep.worst_reasons(rejects)}; see "
+                    f"{out / schema.REJECTS_DIR}", EXIT_TOO_MANY_BAD)
+
+    from ccr_ray.data import ingest
+
+    shards = plan_shards(parsed.records, list(spec.languages), args.shard_size)
+    started = ingest.ensure_ray()
+    try:
+        t0 = time.perf_counter()
+        summary = ingest.run_shards(shards, spec, args.task_cpus)
+        images_s = time.perf_counter() - t0
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    rejects += rep.image_rejects(summary)
+    report = rep.build_report(parsed, args.source, spec, rejects, summary, args.max_bad_fraction,
+                              {"parse": parse_s, "images": images_s, "total": time.perf_counter() - start})
+    report["images_per_s"] = round(len(parsed.records) / max(images_s, 1e-9), 1)
+    rep.write_rejects(out, rejects)
+    rep.write_report(out, report)
+    print(rep.summary_text(report))
+    if report["status"] != "ok":
+        return fail(f"{report['bad_fraction']:.2%} of the captions were rejected (max --max-bad-fraction "
+                    f"{args.max_bad_fraction:.2%}); worst reasons: {rep.worst_reasons(rejects)}; see "
+                    f"{out / schema.REJECTS_DIR}; no {schema.MANIFEST} written", EXIT_TOO_MANY_BAD)
+    if not any(info["images"] for info in report["splits"].values()):
+        return fail("every image was rejected; no dataset written", EXIT_TOO_MANY_BAD)
+    rep.write_manifest(out, parsed, report)
+    print(f"wrote {out} in {report['seconds']['total']:.1f}s ({report['images_per_s']} images/s in the image "
+          f"stage); report: {out / schema.PREPARE_REPORT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
