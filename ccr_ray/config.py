@@ -92,7 +92,15 @@ class DataConfig:
     max_cpus: float = 1.0
     task_cpus: float = 0.5  # Ray CPUs per read/preprocess task (fractions let reads and preprocessing share a core)
     parquet_footer_actors: int = 2  # RAY_DATA_PARQUET_FOOTER_NUM_ACTORS (faster reads of many files)
-    feature_cache: bool = False  # read frozen image / English-teacher embeddings from a cache (issue 4)
+    # Frozen-feature cache (data/feature_cache.py): stages whose image / English text towers are frozen read their
+    # embeddings, computed once, instead of images and English captions; built before training when missing or
+    # stale. Stages that train those towers (clip, finetune-en) ignore it (the plan says so).
+    feature_cache: bool = False
+    feature_cache_dir: str = "{home}/cache/features"  # caches live in {feature_cache_dir}/{fingerprint[:16]}
+    cache_actors: int = 1  # Ray Data actors holding the frozen towers while a cache builds
+    cache_actor_cpus: float = 1.0  # Ray CPUs per actor; its torch threads = this, rounded up
+    cache_batch_size: int = 64  # images per inference batch while building
+    preserve_order: bool = False  # fixed row order in the training stream (reproducible batches; a little slower)
 
 
 @dataclass
@@ -235,6 +243,10 @@ class ExperimentConfig:
         _check(self.data.max_cpus > 0, "data.max_cpus", "must be > 0")
         _check(0 < self.data.task_cpus <= self.data.max_cpus, "data.task_cpus", "must be in (0, data.max_cpus]")
         _check(self.data.val_max_images >= 0, "data.val_max_images", "must be >= 0")
+        _check(bool(self.data.feature_cache_dir), "data.feature_cache_dir", "must be a folder path")
+        _check(self.data.cache_actors >= 1, "data.cache_actors", "must be >= 1")
+        _check(self.data.cache_actor_cpus > 0, "data.cache_actor_cpus", "must be > 0")
+        _check(self.data.cache_batch_size > 0, "data.cache_batch_size", "must be > 0")
         _check(self.loss.scale > 0, "loss.scale", "must be > 0")
         unknown = set(self.loss.weights) - set(stage.losses)
         _check(not unknown, "loss.weights",

@@ -9,6 +9,11 @@ Why one stream and not one per language: on small machines five concurrent execu
 coordinators, five sets of task processes) cost ~30 s of start-up per stage and contend for the one CPU
 Train leaves to Data; one stream tokenizes a few more captions and starts once.
 
+With a frozen-feature cache (`data.feature_cache`, data/feature_cache.py) the stream reads the cache's shards
+instead of the dataset's: the same rows in the same order, with the image / English-teacher embeddings in place of
+image bytes, so nothing is decoded or run through a frozen tower; `TrainPreprocessor` pairs them with caption
+slots exactly as it pairs images and English captions.
+
 Validation is small and read once by rank 0 with pyarrow (`schema.read_split_table`), scored by
 `eval/retrieval.py`.
 """
@@ -26,6 +31,7 @@ from ray.data import ExecutionOptions, ExecutionResources
 
 from ccr_ray.config import ExperimentConfig
 from ccr_ray.data import schema
+from ccr_ray.data.feature_cache import CacheInfo
 from ccr_ray.data.preprocess import PreprocessSpec, TrainPreprocessor
 from ccr_ray.stages import Stage
 
@@ -65,22 +71,26 @@ def training_stream(plan: StreamPlan, task_cpus: float) -> ray.data.Dataset:
 
 
 def build_datasets(cfg: ExperimentConfig, stage: Stage, dataset_root: str, tokenizer_dir: str | None,
-                   preprocess: dict, context_length: int, train_languages: list[str]) -> tuple[dict[str, ray.data.Dataset], ray.train.DataConfig]:
-    """The Ray datasets of one stage and the DataConfig that shards the training stream."""
+                   preprocess: dict, context_length: int, train_languages: list[str], cache: CacheInfo | None = None
+                   ) -> tuple[dict[str, ray.data.Dataset], ray.train.DataConfig]:
+    """The Ray datasets of one stage and the DataConfig that shards the training stream. `cache`: a valid
+    frozen-feature cache of the training split, read instead of the dataset's shards."""
     os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(cfg.data.parquet_footer_actors))
-    files = schema.split_files(dataset_root, cfg.data.train_split)
+    files = cache.files if cache is not None else schema.split_files(dataset_root, cfg.data.train_split)
+    cached = cache.features if cache is not None else ()
     # Iteration mode (the seeds' MetaLoader): the stream lists the files as many times as max_steps needs, so
     # one execution feeds the whole run instead of restarting (and stalling ~10 s) at every epoch boundary.
     images = schema.load_manifest(dataset_root).splits[cfg.data.train_split].images
     passes = max(1, math.ceil(cfg.train.max_steps * cfg.train.batch_size / max(images, 1)))
     spec = PreprocessSpec(languages=tuple(train_languages), inputs=stage.inputs,
-                          image=preprocess if stage.needs_images else None, context_length=context_length,
-                          tokenizer=tokenizer_dir, dataset_root=dataset_root)
+                          image=preprocess if stage.needs_images and "image" not in cached else None,
+                          context_length=context_length, tokenizer=tokenizer_dir, dataset_root=dataset_root,
+                          cached=cached, feature_dim=cache.embed_dim if cache is not None else 0)
     datasets = {TRAIN_KEY: training_stream(StreamPlan(dataset_root, cfg.data.train_split, files, spec, passes, cfg.train.seed),
                                            cfg.data.task_cpus)}
     # Data may use at most data.max_cpus of what Train leaves: on small machines this keeps the preprocessing
     # tasks from queueing behind the Train workers' reservation (the 2-core deadlock, platform notes).
     options = ExecutionOptions(resource_limits=ExecutionResources(cpu=cfg.data.max_cpus))
-    options.preserve_order = False
+    options.preserve_order = cfg.data.preserve_order
     config = ray.train.DataConfig(datasets_to_split=[TRAIN_KEY], execution_options={TRAIN_KEY: options})
     return datasets, config

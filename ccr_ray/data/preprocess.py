@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ccr_ray.data import schema
+from ccr_ray.data.feature_cache import BATCH_KEYS, FEATURE_COLUMNS, vectors
 from ccr_ray.data.transforms import ImageTransform, open_image
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,10 @@ class PreprocessSpec:
     context_length: int
     tokenizer: str | None  # target-language tokenizer folder (None for English-only stages)
     dataset_root: str = ""  # for image paths relative to the dataset
+    # inputs read as precomputed embeddings from a frozen-feature cache (data/feature_cache.py) instead of being
+    # decoded / tokenized: "image" -> batch key image_features, "text_en" -> text_en_features(_<lang>)
+    cached: tuple[str, ...] = ()
+    feature_dim: int = 0  # width of the cached embeddings
 
     @property
     def english_only(self) -> bool:
@@ -38,9 +43,11 @@ class PreprocessSpec:
         """Parquet columns this stream reads (NLT never touches image bytes: spec 7, MLA bug 3)."""
         cols = [schema.IMAGE_ID]
         if "image" in self.inputs:
-            cols += [schema.IMAGE, schema.IMAGE_PATH]
+            cols += [FEATURE_COLUMNS["image"]] if "image" in self.cached else [schema.IMAGE, schema.IMAGE_PATH]
         if "text_en" in self.inputs or self.english_only:
-            cols.append(schema.captions_column("en"))
+            cols.append(schema.captions_column("en"))  # with a cached teacher still read: it counts the pairs
+        if "text_en" in self.cached:
+            cols.append(FEATURE_COLUMNS["text_en"])
         cols += [schema.captions_column(lang) for lang in self.languages if lang != "en"]
         return cols
 
@@ -54,8 +61,8 @@ def select_language(batch: dict, lang: str, english_only: bool) -> dict:
     """The model inputs of one language from a training batch that carries every language."""
     if english_only:
         return batch
-    out = {k: v for k, v in batch.items() if k == "pixels"}
-    for name in ("text_ids", "text_mask", "text_en_ids"):
+    out = {k: v for k, v in batch.items() if k in ("pixels", BATCH_KEYS["image"])}
+    for name in ("text_ids", "text_mask", "text_en_ids", BATCH_KEYS["text_en"]):
         key = column(name, lang)
         if key in batch:
             out[name] = batch[key]
@@ -76,6 +83,10 @@ class TrainPreprocessor:
     caption at the same index: captions are parallel by index, schema.py). So each language sees each of its
     captions equally often and every image equally often, as the seeds' per-language loaders do. Images
     lacking a stream language cannot serve a monolingual batch of it: they are counted and logged, not used.
+
+    With a frozen-feature cache (`spec.cached`) the rows carry the image embedding and one teacher embedding per
+    English caption instead of image bytes: slot k takes the row's image embedding and the teacher embedding of
+    the same English caption index it would have tokenized, so the samples are the same, only precomputed.
     """
 
     def __init__(self, spec: PreprocessSpec):
@@ -108,20 +119,49 @@ class TrainPreprocessor:
         slot = np.concatenate([np.arange(n) for n in slots]) if len(rows) else np.zeros(0, dtype=np.int64)
         out: dict[str, np.ndarray] = {}
         teacher_cache: dict = {}
-        if self.image_transform is not None:
+        if "image" in spec.cached:
+            features, keep = self._cached_images(batch, rows)
+            rows, slot, out[BATCH_KEYS["image"]] = rows[keep], slot[keep], features[keep]
+        elif self.image_transform is not None:
             pixels, keep = self._images(batch, rows)
             rows, slot, out["pixels"] = rows[keep], slot[keep], pixels[keep]
+        cached_teacher = "text_en" in spec.cached
         for j, lang in enumerate(spec.languages):
             caps = batch[schema.captions_column(lang)]
             index = slot % np.maximum(counts[rows, j], 1)
-            texts = [str(caps[r][i]) for r, i in zip(rows, index)]
             if lang == "en":
-                out["text_en_ids"] = english_tokenizer(spec.context_length)(texts)
+                if cached_teacher:
+                    out[BATCH_KEYS["text_en"]] = self._cached_teacher(batch, rows, index)
+                else:
+                    texts = [str(caps[r][i]) for r, i in zip(rows, index)]
+                    out["text_en_ids"] = english_tokenizer(spec.context_length)(texts)
                 continue
+            texts = [str(caps[r][i]) for r, i in zip(rows, index)]
             ids, mask = target_tokenizer(spec.tokenizer, spec.context_length)(texts)
             out[column("text_ids", lang)], out[column("text_mask", lang)] = ids, mask
-            if teacher:
+            if teacher and cached_teacher:
+                out[column(BATCH_KEYS["text_en"], lang)] = self._cached_teacher(batch, rows, index)
+            elif teacher:
                 out[column("text_en_ids", lang)] = self._english(batch[en_col], rows, index, teacher_cache)
+        return out
+
+    def _cached_images(self, batch: dict[str, np.ndarray], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Image embeddings per sample from the cache; a null (the image did not decode when the cache was built)
+        drops the row's samples, counted and logged as `_images` does."""
+        features, ok = vectors(batch[FEATURE_COLUMNS["image"]], self.spec.feature_dim)
+        bad = np.unique(rows[~ok[rows]]) if len(rows) else np.zeros(0, dtype=np.int64)
+        if len(bad):
+            self.bad_images += len(bad)
+            log.warning("skipping %d images without a cached embedding (undecodable when the cache was built); "
+                        "%d so far in this worker", len(bad), self.bad_images)
+        return features[rows], ok[rows]
+
+    def _cached_teacher(self, batch: dict[str, np.ndarray], rows: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """Teacher embeddings of English caption `index` of each row, from the cache: [len(rows), D]."""
+        table = batch[FEATURE_COLUMNS["text_en"]]
+        out = np.zeros((len(rows), self.spec.feature_dim), dtype=np.float32)
+        for k, (r, i) in enumerate(zip(rows.tolist(), index.tolist())):
+            out[k] = np.asarray(table[r][i], dtype=np.float32)
         return out
 
     def _english(self, captions, rows: np.ndarray, index: np.ndarray, cache: dict) -> np.ndarray:

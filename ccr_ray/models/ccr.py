@@ -111,15 +111,32 @@ class CCRModel(nn.Module):
 
     # ------------------------------------------------------------------ training forward
     def forward(self, batch: dict[str, torch.Tensor], lang: str | None, inputs: Iterable[str]) -> dict:
-        """Features a stage's losses need. Frozen towers run without autograd (saves memory and time)."""
+        """Features a stage's losses need. Frozen towers run without autograd (saves memory and time).
+
+        A batch from the frozen-feature cache (data/feature_cache.py) carries `image_features` / `text_en_features`
+        instead of `pixels` / `text_en_ids`: what `encode_image` / `encode_text_en` would return for them, computed
+        once with these frozen weights. They are used as they are; a tower that trains cannot take them."""
         inputs = set(inputs)
         out: dict[str, torch.Tensor] = {}
+
+        def precomputed(key: str, tower: nn.Module) -> torch.Tensor:
+            if self._trains(tower):
+                raise ValueError(f"the batch carries precomputed {key}, but the tower that computes them is being "
+                                 "trained: cached features would be stale after the first step")
+            return batch[key]
+
         if "image" in inputs:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and self._trains(self.clip.visual)):
-                out["image"] = self.encode_image(batch["pixels"])
+            if "image_features" in batch:
+                out["image"] = precomputed("image_features", self.clip.visual)
+            else:
+                with torch.set_grad_enabled(torch.is_grad_enabled() and self._trains(self.clip.visual)):
+                    out["image"] = self.encode_image(batch["pixels"])
         if "text_en" in inputs:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and self._trains(self.clip.transformer)):
-                out["text_en"] = self.encode_text_en(batch["text_en_ids"])
+            if "text_en_features" in batch:
+                out["text_en"] = precomputed("text_en_features", self.clip.transformer)
+            else:
+                with torch.set_grad_enabled(torch.is_grad_enabled() and self._trains(self.clip.transformer)):
+                    out["text_en"] = self.encode_text_en(batch["text_en_ids"])
         if "text_target" in inputs:
             features, aux = self.encode_text(batch["text_ids"], batch.get("text_mask"), lang, return_aux=True)
             out["text_target"] = features

@@ -1,8 +1,9 @@
 """The Ray Train driver: resolve and check everything a stage needs, build the TorchTrainer, fit, publish.
 
     plan_stage(cfg)      -> StagePlan     all fail-fast checks (dataset, splits, languages, tokenizer, parent
-                                          checkpoint, pretrained file), before any cluster work
-    build_trainer(plan)  -> TorchTrainer  the Ray Data stream + DDP workers + checkpoint/failure policy
+                                          checkpoint, pretrained file, feature cache), before any cluster work
+    build_trainer(plan)  -> TorchTrainer  (the frozen-feature cache, built if missing or stale) + the Ray Data
+                                          stream + DDP workers + checkpoint/failure policy
     run_stage(cfg)       -> StageResult   fit, then copy the selected checkpoint to {home}/runs/{exp}/{stage}/
 
 Ray Tune calls `run_stage` per trial (ccr_ray/tune), so nothing here assumes it owns the process.
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from ccr_ray.config import ExperimentConfig
 from ccr_ray.data import schema
+from ccr_ray.data.feature_cache import CacheError, FeatureCachePlan, plan_feature_cache
 from ccr_ray.models import backbone
 from ccr_ray.stages import STAGES, Stage
 from ccr_ray.train import checkpoint as ckpt
@@ -52,6 +54,7 @@ class StagePlan:
     storage_path: str
     output_dir: Path
     config_source: str | None = None  # what --config was (for "run this first" messages)
+    feature_cache: FeatureCachePlan | None = None  # None: data.feature_cache is off
 
     def summary(self) -> str:
         cfg = self.cfg
@@ -69,7 +72,7 @@ class StagePlan:
             f"{' + 1 GPU' if cfg.scaling.use_gpu else ''}",
             f"run          {self.storage_path}/{self.run_name}",
             f"output       {self.output_dir / CHECKPOINT_DIR}",
-        ])
+        ] + ([f"features     frozen-feature cache: {self.feature_cache.describe()}"] if self.feature_cache else []))
 
 
 @dataclass
@@ -151,12 +154,18 @@ def plan_stage(cfg: ExperimentConfig, config_source: str | None = None) -> Stage
     if cfg.model.text.embeddings_init and not Path(cfg.path(cfg.model.text.embeddings_init)).is_dir():
         raise StageError(f"model.text.embeddings_init: no such folder {cfg.path(cfg.model.text.embeddings_init)}")
     context = cfg.model.text.context_length or int(clip_cfg["text_cfg"].get("context_length", 77))
+    try:
+        feature_cache = plan_feature_cache(cfg, stage, parent, dataset_root, clip_cfg, preprocess, context)
+    except (CacheError, OSError) as err:
+        raise StageError(f"data.feature_cache: {err}") from None
+    if feature_cache is not None and not feature_cache.applicable:
+        log.info("data.feature_cache: %s", feature_cache.note)
     name = run_name(cfg, parent)
     return StagePlan(cfg=cfg, stage=stage, dataset_root=dataset_root, tokenizer_dir=tokenizer_dir, parent=parent,
                      clip_cfg=clip_cfg, preprocess=preprocess, context_length=context,
                      train_languages=train_languages, eval_languages=eval_languages, run_name=name,
                      storage_path=str(cfg.home / "runs" / cfg.run.experiment / "ray"),
-                     output_dir=cfg.stage_dir(), config_source=config_source)
+                     output_dir=cfg.stage_dir(), config_source=config_source, feature_cache=feature_cache)
 
 
 def _tokenizer_dir(cfg: ExperimentConfig, stage: Stage, parent: str | None, root: str, manifest) -> str:
@@ -211,13 +220,20 @@ def build_trainer(plan: StagePlan, callbacks: list | None = None, storage_path: 
 
     cfg = plan.cfg
     ray.data.DataContext.get_current().enable_progress_bars = False  # the train log shows progress instead
+    cache = None
+    if plan.feature_cache is not None and plan.feature_cache.applicable:
+        from ccr_ray.data.cache_builder import ensure_feature_cache
+
+        cache, _ = ensure_feature_cache(plan.feature_cache, cfg.data, use_gpu=cfg.scaling.use_gpu,
+                                        report=print if cfg.run.verbose else None)
     datasets, data_config = build_datasets(cfg, plan.stage, plan.dataset_root, plan.tokenizer_dir, plan.preprocess,
-                                           plan.context_length, plan.train_languages)
+                                           plan.context_length, plan.train_languages, cache=cache)
     storage = storage_path or plan.storage_path
     loop_config = {
         "experiment": cfg.to_dict(),
         "paths": {"tokenizer": plan.tokenizer_dir, "parent": plan.parent, "dataset_root": plan.dataset_root,
-                  "crash_marker": os.path.join(storage, f".{name or plan.run_name}.crashed")},
+                  "crash_marker": os.path.join(storage, f".{name or plan.run_name}.crashed"),
+                  "feature_cache": str(cache.folder) if cache is not None else None},
     }
     scaling = ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                       resources_per_worker={"CPU": cfg.scaling.cpus_per_worker})

@@ -99,6 +99,8 @@ def train_loop_per_worker(config: dict) -> None:
             state.model, move_to_device=False,
             parallel_strategy_kwargs={"find_unused_parameters": find_unused, "broadcast_buffers": False})
 
+    if paths.get("feature_cache") and not any(r.get("event") == "feature_cache" for r in state.history):
+        state.history.append({"step": state.step, "event": "feature_cache", "path": paths["feature_cache"]})
     languages = stage_languages(cfg, stage, stage.languages)
     stream = BatchStream(ray.train.get_dataset_shard(TRAIN_KEY), cfg.train.batch_size // world,
                          cfg.data.shuffle_buffer, cfg.data.prefetch_batches, cfg.train.seed + 1000 * rank)
@@ -108,7 +110,8 @@ def train_loop_per_worker(config: dict) -> None:
     speed = Throughput()
     if verbose:
         progress.info(f"[{stage.name}] set up in {time.perf_counter() - started:.1f}s: {world} worker(s), {threads} threads each, device {device}, precision "
-                      f"{state.precision}, languages {','.join(languages)}, steps {state.step}->{max_steps}")
+                      f"{state.precision}, languages {','.join(languages)}, steps {state.step}->{max_steps}"
+                      + (f", frozen features from {paths['feature_cache']}" if paths.get("feature_cache") else ""))
 
     first_batch_logged = False
     while state.step < max_steps:

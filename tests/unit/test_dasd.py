@@ -10,7 +10,13 @@ from torch.nn import functional as F
 from ccr_ray.config import DASDConfig, ModelConfig
 from ccr_ray.losses import LossContext, compute_losses
 from ccr_ray.models.ccr import TokenizerInfo, build_model
-from ccr_ray.models.dasd import DASDAdapters, Discriminator, adversarial_pairs, discriminator_loss, generator_loss
+from ccr_ray.models.dasd import (
+    DASDAdapters,
+    Discriminator,
+    adversarial_pairs,
+    discriminator_loss,
+    generator_loss,
+)
 from ccr_ray.train.adversarial import Adversary
 from ccr_ray.train.loop import TrainState
 from tests.conftest import MICRO_PRESET

@@ -13,8 +13,17 @@ RAY_FREE = [
     "ccr_ray.models.backbone", "ccr_ray.models.ccr", "ccr_ray.models.mla", "ccr_ray.models.multilingual",
     "ccr_ray.losses", "ccr_ray.optim", "ccr_ray.eval.metrics", "ccr_ray.eval.retrieval", "ccr_ray.eval.evaluate",
     "ccr_ray.data.transforms", "ccr_ray.data.preprocess", "ccr_ray.data.schema", "ccr_ray.data.scenes",
+    "ccr_ray.data.feature_cache",
     "ccr_ray.data.grammar", "ccr_ray.data.synthetic", "ccr_ray.tokenization", "ccr_ray.train.loop",
     "ccr_ray.train.checkpoint", "ccr_ray.config", "ccr_ray.stages", "ccr_ray.plots",
+    # export: only export/embeddings.py (the batch-embedding job) touches Ray
+    "ccr_ray.runtime", "ccr_ray.export.onnx_export", "ccr_ray.export.probes", "ccr_ray.export.quantize",
+    "ccr_ray.export.search", "ccr_ray.export.evaluate",
+    # converters: parsing, image checks and shard writing; only ccr_ray.data.ingest runs them on Ray
+    "ccr_ray.data.converters", "ccr_ray.data.converters.records", "ccr_ray.data.converters.shards",
+    "ccr_ray.data.converters.report", "ccr_ray.data.converters.seeds", "ccr_ray.data.converters.cc300k",
+    "ccr_ray.data.converters.multi30k", "ccr_ray.data.converters.xtd10", "ccr_ray.data.converters.xflickrco",
+    "ccr_ray.data.converters.coco_cn",
 ]
 RAY_FREE_DIRS = ["models"]  # every module in these folders, including ones added later
 
