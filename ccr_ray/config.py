@@ -132,7 +132,7 @@ class TrainConfig:
     seed: int = 42
     precision: str = "auto"  # "auto" = bf16 autocast on GPU, fp32 on CPU; "fp32"; "bf16"
     select: str = "best"  # which checkpoint the stage hands on: "best" (by mean val mR) or "final"
-    eval_before_training: bool = False  # the seeds validate once before the first step
+    eval_before_training: bool = False  # score the starting weights on val first (logged only), as the seeds do
 
 
 @dataclass
@@ -147,7 +147,9 @@ class ScalingConfig:
 class RunConfig:
     home: str = ""  # root for data and runs; "" = $CCR_RAY_HOME or ~/ccr_ray
     experiment: str = "demo"  # runs go to {home}/runs/{experiment}/{stage}; no timestamps, so runs resume
-    init_from: str = ""  # explicit parent checkpoint folder (overrides the stage table's parent lookup)
+    # explicit start instead of the stage table's parent: a checkpoint folder, or "pretrained" = the local CLIP file
+    # in model.backbone.pretrained with fresh multilingual weights (DASD's cross-lingual finetune starts so)
+    init_from: str = ""
     max_failures: int = 1  # worker crashes survived by restarting from the last checkpoint
     checkpoints_to_keep: int = 2
     verbose: bool = True

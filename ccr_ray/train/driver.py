@@ -92,7 +92,14 @@ def run_name(cfg: ExperimentConfig, parent: str | None) -> str:
     return f"{cfg.stage}-{digest}"
 
 
+INIT_FROM_PRETRAINED = "pretrained"  # run.init_from value: start from model.backbone.pretrained, not a parent
+
+
 def _parent_checkpoint(cfg: ExperimentConfig, stage: Stage, config_source: str | None) -> str | None:
+    if cfg.run.init_from == INIT_FROM_PRETRAINED:
+        if not cfg.model.backbone.pretrained:
+            raise StageError("run.init_from=pretrained: set model.backbone.pretrained to a local CLIP weights file")
+        return None
     if cfg.run.init_from:
         path = Path(cfg.path(cfg.run.init_from))
         if not (path / ckpt.MODEL_FILE).exists():

@@ -113,6 +113,8 @@ def train_loop_per_worker(config: dict) -> None:
                       f"{state.precision}, languages {','.join(languages)}, steps {state.step}->{max_steps}"
                       + (f", frozen features from {paths['feature_cache']}" if paths.get("feature_cache") else ""))
 
+    if cfg.train.eval_before_training and state.step == 0 and val_table is not None:
+        _score_starting_weights(state, val_table, paths.get("dataset_root"), verbose)
     first_batch_logged = False
     while state.step < max_steps:
         lang = language_for_step(cfg.train.seed, state.step, languages)
@@ -135,6 +137,18 @@ def train_loop_per_worker(config: dict) -> None:
             _validate_and_report(state, val_table, rank, paths.get("dataset_root"), verbose)
     if verbose:
         progress.info(f"[{stage.name}] done: {max_steps} steps in {time.perf_counter() - started:.1f}s")
+
+
+def _score_starting_weights(state: TrainState, val_table, dataset_root: str | None, verbose: bool) -> None:
+    """Rank 0 scores the weights the stage starts from, as the seeds do before training: logged for the curve and
+    the log, neither a checkpoint nor a candidate for model selection."""
+    best = (state.best_score, state.best_step)
+    metrics = state.validate(val_table, dataset_root)
+    state.best_score, state.best_step = best
+    metrics.pop("val/best_mR", None)
+    state.history.append({"step": 0, "event": "before_training", **metrics})
+    if verbose:
+        progress.info(f"[{state.stage.name}] before training: mean mR {metrics['val/mR']:.2f}")
 
 
 def _validate_and_report(state: TrainState, val_table, rank: int, dataset_root: str | None, verbose: bool) -> None:

@@ -73,11 +73,15 @@ def test_a_worker_that_crashes_once_resumes_from_its_checkpoint(ray_local, micro
     from ccr_ray.train.driver import run_stage
     from ccr_ray.train.worker import CRASH_ENV
 
-    cfg = resolve_config("clip", micro_config(micro_data, str(tmp_path), train={"max_steps": 6, "eval_every": 2}))
+    cfg = resolve_config("clip", micro_config(micro_data, str(tmp_path), train={"max_steps": 6, "eval_every": 2,
+                                                                               "eval_before_training": True}))
     result = run_stage(cfg, env={CRASH_ENV: "3"})
     meta = ckpt.read_meta(result.checkpoint)
     assert meta.step == 6
     resumed = [r for r in result.history if r.get("event") == "resumed"]
     assert [r["step"] for r in resumed] == [2]  # restarted from the step-2 checkpoint, not from scratch
+    # the starting weights were scored once (not again on resume), and that score is no selection candidate
+    before = [r for r in result.history if r.get("event") == "before_training"]
+    assert len(before) == 1 and before[0]["step"] == 0 and "val/mR" in before[0]
     markers = [f for f in os.listdir(cfg.home / "runs" / "t" / "ray") if f.endswith(".crashed")]
     assert markers, "the crash hook did not fire"

@@ -5,6 +5,7 @@ import pytest
 from ccr_ray.losses import LOSSES
 from ccr_ray.stages import STAGES
 from ccr_ray.train.driver import StageError, plan_stage
+from tests.conftest import MICRO_PRESET
 from tests.unit.test_models import micro_model
 
 GROUPS = set(micro_model().param_groups())
@@ -59,6 +60,17 @@ def test_missing_dataset_and_language_are_named(micro_cfg, micro_data, tmp_path)
         plan_stage(micro_cfg("nlt", model={"languages": ["ko"]}, run={"init_from": str(tmp_path / "clip-ckpt")}))
     with pytest.raises(StageError, match="run.init_from"):
         plan_stage(micro_cfg("nlt", run={"init_from": str(tmp_path / "nothing")}))
+    # "pretrained": the local CLIP file instead of the parent stage (DASD's cross-lingual finetune starts so)
+    with pytest.raises(StageError, match="run.init_from=pretrained: set model.backbone.pretrained"):
+        plan_stage(micro_cfg("finetune-en", run={"init_from": "pretrained"}))
+    clip_file = tmp_path / "clip.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k[len("clip."):]: v.contiguous() for k, v in parent.model.state_dict().items() if k.startswith("clip.")},
+              str(clip_file))
+    fresh = plan_stage(micro_cfg("finetune-en", run={"init_from": "pretrained"},
+                                 model={"backbone": {"name": MICRO_PRESET, "pretrained": str(clip_file)}}))
+    assert fresh.parent is None
 
 
 def test_first_stage_plans_with_random_init(micro_cfg):
