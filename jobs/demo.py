@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     en = main_row.get("en", {}).get("mR")
     if en:
         ratios = {lang: main_row[lang]["mR"] / en for lang in final.model.languages if lang in main_row}
-        report += ["", "non-English mR / English mR: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items())]
+        report += ["", "non-English mR / English mR: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items())]
     total = time.perf_counter() - started
     report += ["", "wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + f", total {total:.0f}"]
     out = home / "runs" / args.experiment

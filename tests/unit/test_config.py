@@ -61,10 +61,10 @@ def test_unknown_stage_and_config_name():
 @pytest.mark.parametrize("path", sorted(PACKAGED_CONFIGS.glob("*.json")), ids=lambda p: p.stem)
 def test_every_packaged_config_validates_for_every_compatible_stage(path):
     data = json.loads(path.read_text())
-    adapter = data.get("model", {}).get("adapter", "mla")
+    adapter = data.get("model", {}).get("adapter")  # a file-wide adapter excludes the other method's stages
     checked = 0
     for name, stage in STAGES.items():
-        if stage.adapter not in (None, adapter):
+        if adapter and stage.adapter not in (None, adapter):
             continue
         resolve_config(name, path.stem)
         checked += 1
