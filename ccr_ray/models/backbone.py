@@ -90,14 +90,21 @@ def load_backbone_weights(model: open_clip.CLIP, path: str) -> None:
         state = torch.jit.load(str(file), map_location="cpu").state_dict()
         for key in ("input_resolution", "context_length", "vocab_size"):
             state.pop(key, None)
-        tmp = file.with_name(file.name + ".ccr-converted.safetensors")
+        # tracing makes non-persistent buffers (open_clip's attn_mask) part of the archive's state
+        persistent = model.state_dict().keys()
+        for name, _ in model.named_buffers():
+            if name not in persistent:
+                state.pop(name, None)
+        import tempfile
+
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-        try:
-            open_clip.load_checkpoint(model, str(tmp), strict=True)
-        finally:
-            tmp.unlink(missing_ok=True)
+        # through a temporary safetensors file (not beside the user's weights, whose folder may be read-only) so
+        # open_clip's own loader applies its key fix-ups and position-embedding resize
+        with tempfile.TemporaryDirectory(prefix="ccr-clip-") as tmp:
+            converted = Path(tmp) / "converted.safetensors"
+            save_file({k: v.contiguous() for k, v in state.items()}, str(converted))
+            open_clip.load_checkpoint(model, str(converted), strict=True)
         return
     open_clip.load_checkpoint(model, str(file), strict=True, weights_only=True)
 

@@ -138,6 +138,24 @@ def test_load_backbone_weights_round_trip(tmp_path):
         backbone.load_backbone_weights(b.clip, str(tmp_path / "missing.pt"))
 
 
+def test_load_backbone_weights_from_a_torchscript_archive(tmp_path):
+    """OpenAI's CLIP files are traced TorchScript archives: read with torch.jit, nothing written beside them."""
+    a, b = micro_model(), micro_model()
+    with torch.no_grad():
+        for p in a.clip.parameters():
+            p.add_(0.25)
+    size = a.clip.visual.image_size
+    size = size[0] if isinstance(size, tuple) else size
+    example = (torch.zeros(1, 3, size, size), torch.zeros(1, a.clip.context_length, dtype=torch.long))
+    archive = tmp_path / "ViT-micro.pt"
+    torch.jit.save(torch.jit.trace(a.clip.eval(), example, strict=False, check_trace=False), str(archive))
+    assert backbone._is_torchscript_archive(archive)
+    backbone.load_backbone_weights(b.clip, str(archive))
+    for (n, x), (_, y) in zip(a.clip.state_dict().items(), b.clip.state_dict().items()):
+        assert torch.equal(x, y), n
+    assert [p.name for p in tmp_path.iterdir()] == ["ViT-micro.pt"]
+
+
 def test_deepcopy_keeps_outputs():
     model = micro_model().eval()
     ids, mask = target_ids()
