@@ -37,9 +37,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _mbert import MBERT_VOCAB, mbert_shaped_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-MBERT_VOCAB = 119_547
 REAL_LANGS = ["de", "fr", "cs", "zh", "ja"]
 TARGETS = {"onnx_over_torch": 2.0, "int8_over_fp32": 1.5, "int8_min_cosine": 0.998, "recall_drop_points": 0.5}
 DEMO_CKPT = Path.home() / "ccr_ray/runs/demo/le/checkpoint"
@@ -56,23 +56,9 @@ def grammar_captions(lang: str, n: int, seed: int = 0) -> list[str]:
 
 
 def mbert_sized_tokenizer(folder: Path) -> str:
-    """A WordPiece tokenizer folder trained on demo captions (all six languages), its vocab.txt padded with
-    filler tokens to M-BERT's 119,547 entries and M-BERT's special ids ([PAD] 0, [UNK] 100, [CLS] 101,
-    [SEP] 102). No download."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-
+    """M-BERT's size and special ids, WordPieces learned from demo captions in all six languages."""
     texts = [c for lang in ("en", *REAL_LANGS) for c in grammar_captions(lang, 400)]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=8_000, special_tokens=["[UNK]"]))
-    learned = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]) if t != "[UNK]"]
-    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(1, 100)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + learned
-    vocab += [f"[filler{i}]" for i in range(MBERT_VOCAB - len(vocab))]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(vocab[:MBERT_VOCAB]) + "\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
-    return str(folder)
+    return mbert_shaped_tokenizer(folder, texts, learned=8_000)
 
 
 def real_size_checkpoint(work: Path) -> str:
