@@ -12,13 +12,12 @@ exported from, up to the ONNX/PyTorch rounding of the embeddings.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-from _common import fail  # noqa: E402
+from _common import fail, print_retrieval_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +27,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
-    from ccr_ray.eval.retrieval import format_recall_table
     from ccr_ray.export.embeddings import EmbedError
     from ccr_ray.export.evaluate import evaluate_embeddings
 
@@ -38,12 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     except EmbedError as err:
         return fail(str(err))
     title = f"{args.embeddings} ({report['data']} [{report['split']}], {report['precision']})"
-    print(format_recall_table(report["results"], title))
-    print(f"mean mR over {', '.join(report['results'])}: {report['mean_mR']:.2f}   "
-          f"({time.perf_counter() - start:.1f}s)")
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.out}")
+    print_retrieval_report(report, title, time.perf_counter() - start, args.out)
     return 0
 
 

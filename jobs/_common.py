@@ -22,3 +22,17 @@ def quiet_ray_env() -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def print_retrieval_report(report: dict, title: str, seconds: float, out: str | None) -> None:
+    """The per-language recall table and mean mR of an evaluation report; the report as JSON to `out`."""
+    import json
+
+    from ccr_ray.eval.retrieval import format_recall_table
+
+    print(format_recall_table(report["results"], title))
+    print(f"mean mR over {', '.join(report['results'])}: {report['mean_mR']:.2f}   ({seconds:.1f}s)")
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2))
+        print(f"wrote {out}")
+

@@ -15,12 +15,10 @@ No Ray: this runs anywhere the checkpoint and the data are.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
-from _common import fail
+from _common import fail, print_retrieval_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from ccr_ray.eval.evaluate import EvalError, evaluate_checkpoint
-    from ccr_ray.eval.retrieval import CLIP_BPE, format_recall_table
+    from ccr_ray.eval.retrieval import CLIP_BPE
 
     start = time.perf_counter()
     try:
@@ -48,11 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     except EvalError as err:
         return fail(str(err))
     title = f"{report['checkpoint']} on {report['data']} [{report['split']}]" + (" (baseline)" if args.baseline else "")
-    print(format_recall_table(report["results"], title))
-    print(f"mean mR over {', '.join(report['results'])}: {report['mean_mR']:.2f}   ({time.perf_counter() - start:.1f}s)")
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.out}")
+    print_retrieval_report(report, title, time.perf_counter() - start, args.out)
     return 0
 
 
