@@ -140,7 +140,7 @@ class ScalingConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0  # Ray CPUs reserved per Train worker
-    torch_threads: int = 0  # intra-op threads per worker; 0 = the machine's cores / workers
+    torch_threads: int = 0  # intra-op threads per worker; 0 = (node cores - data.max_cpus) / workers on the node
 
 
 @dataclass

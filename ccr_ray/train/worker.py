@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -72,13 +73,24 @@ def _val_table(rank: int, paths: dict, cfg: ExperimentConfig, languages: list[st
     return schema.read_split_table(paths["dataset_root"], cfg.data.val_split, languages)
 
 
+def default_torch_threads(node_cpus: int, data_cpus: float, local_workers: int) -> int:
+    """Intra-op threads per worker: the node's cores less those Ray Data may use, shared by the node's workers.
+
+    An OpenMP team that counts on a core the data pipeline is using stalls at every barrier: on 2 cores with
+    2 torch threads, `clip` ran at ~110 samples/s while the stream was producing and ~390 after it finished;
+    with 1 thread it held ~230-290 throughout (NOTES.md).
+    """
+    return max(1, (node_cpus - math.ceil(data_cpus)) // max(local_workers, 1))
+
+
 def train_loop_per_worker(config: dict) -> None:
     cfg = ExperimentConfig.from_dict(config["experiment"])  # back to a dataclass on the worker's first line
     paths = config["paths"]
     stage = STAGES[cfg.stage]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    threads = cfg.scaling.torch_threads or max(1, (os.cpu_count() or 1) // max(context.get_local_world_size(), 1))
+    threads = cfg.scaling.torch_threads or default_torch_threads(os.cpu_count() or 1, cfg.data.max_cpus,
+                                                                 context.get_local_world_size())
     torch.set_num_threads(threads)
     device = ray.train.torch.get_device()
     verbose = cfg.run.verbose and rank == 0
