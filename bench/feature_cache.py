@@ -102,16 +102,16 @@ def iteration(state, source, plan, step: int) -> tuple[float, float, float]:
 
 
 def frozen_forward_seconds(state, source, plan, step: int, repeats: int = 3) -> float:
-    """Median seconds of the frozen towers' forward on a batch, as train_step runs it (trimmed English ids)."""
+    """Median seconds of the frozen towers' forward on a batch, as train_step runs it (normalised pixels, trimmed English ids)."""
     import torch
 
     from ccr_ray.data.preprocess import select_language
-    from ccr_ray.train.loop import language_for_step, trim_padding
+    from ccr_ray.train.loop import language_for_step
 
     seconds = []
     for i in range(repeats):
         lang = language_for_step(plan.cfg.train.seed, step + i, plan.train_languages)
-        batch = trim_padding(select_language(next(source), lang, english_only=False), state.padding_invariant)
+        batch = state.model_inputs(select_language(next(source), lang, english_only=False))
         start = time.perf_counter()
         with torch.no_grad():
             if "image" in plan.feature_cache.features:

@@ -1,4 +1,5 @@
-"""Turn dataset rows (schema.py) into model inputs: decode + resize + normalise images, tokenize captions.
+"""Turn dataset rows (schema.py) into model inputs: decode + resize/crop images to uint8, tokenize captions.
+Pixels leave here as uint8 [3, H, W] and are normalised in the training step (train/loop.py), on the device.
 
 `TrainPreprocessor` is what Ray Data's `map_batches` runs (pipeline.py) and what the plain single-process loop
 in `bench/` runs, so both see identical inputs. No Ray import here.
@@ -187,14 +188,14 @@ class TrainPreprocessor:
             data = batch[schema.IMAGE][r] if schema.IMAGE in batch else None
             path = batch[schema.IMAGE_PATH][r] if schema.IMAGE_PATH in batch else None
             try:
-                decoded[int(r)] = self.image_transform(open_image(data, path, self.spec.dataset_root or None))
+                decoded[int(r)] = self.image_transform.to_uint8(open_image(data, path, self.spec.dataset_root or None))
             except Exception as err:  # noqa: BLE001 - any decoder error makes the record unusable
                 self.bad_images += 1
                 log.warning("skipping undecodable image %s (%s: %s); %d so far in this worker",
                             batch[schema.IMAGE_ID][r], type(err).__name__, err, self.bad_images)
                 decoded[int(r)] = None
         keep = np.asarray([decoded[int(r)] is not None for r in rows], dtype=bool)
-        pixels = np.zeros((len(rows), 3, size, size), dtype=np.float32)
+        pixels = np.zeros((len(rows), 3, size, size), dtype=np.uint8)  # normalised in the training step
         for k, r in enumerate(rows):
             if keep[k]:
                 pixels[k] = decoded[int(r)]

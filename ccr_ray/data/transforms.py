@@ -59,11 +59,21 @@ class ImageTransform:
             image = image.crop((left, top, left + self.size, top + self.size))
         return image
 
+    def to_uint8(self, image: Image.Image) -> np.ndarray:
+        """PIL image -> uint8 [3, size, size], resized and cropped but not normalised. The training stream ships
+        these (a quarter of float32's bytes through Ray's object store) and the training step normalises them
+        (`normalize`, or `ccr_ray.train.loop.normalize_pixels` on the device)."""
+        return np.ascontiguousarray(np.asarray(self.resize_crop(image), dtype=np.uint8).transpose(2, 0, 1))
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [..., 3, H, W] -> float32, as ToTensor (/255) then Normalize(mean, std)."""
+        mean = np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1)
+        std = np.asarray(self.std, dtype=np.float32).reshape(3, 1, 1)
+        return (pixels.astype(np.float32) / 255.0 - mean) / std
+
     def __call__(self, image: Image.Image) -> np.ndarray:
         """PIL image -> float32 [3, size, size], normalised."""
-        array = np.asarray(self.resize_crop(image), dtype=np.float32) / 255.0  # [H, W, 3]
-        array = (array - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
-        return np.ascontiguousarray(array.transpose(2, 0, 1))
+        return self.normalize(self.to_uint8(image))
 
     def batch(self, images: Sequence[Image.Image]) -> np.ndarray:
         if len(images) == 0:

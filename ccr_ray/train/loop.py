@@ -63,6 +63,17 @@ def autocast(device: torch.device, precision: str):
     return nullcontext()
 
 
+def normalize_pixels(batch: dict[str, torch.Tensor], transform: ImageTransform) -> dict[str, torch.Tensor]:
+    """uint8 pixels from the training stream (data/preprocess.py) -> float32 normalised, on their device, with
+    the same arithmetic as `ImageTransform.normalize`. Float pixels (already normalised) pass through."""
+    pixels = batch.get("pixels")
+    if pixels is None or pixels.is_floating_point():
+        return batch
+    mean = torch.tensor(transform.mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(transform.std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    return {**batch, "pixels": (pixels.to(torch.float32) / 255.0 - mean) / std}
+
+
 def trim_padding(batch: dict[str, torch.Tensor], padding_invariant: bool) -> dict[str, torch.Tensor]:
     """Cut columns that are padding in every row. Exact under the causal mask: the pooled token ([SEP] /
     EOT) never attends to later positions. Skipped when the adapter pools over padding (DASD's original mode)."""
@@ -178,10 +189,16 @@ class TrainState:
         return getattr(self.model.adapters, "padding_invariant", True)
 
     # ---------------------------------------------------------------- one step
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A stream batch as the model takes it: on the device, pixels normalised, all-padding columns cut."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+        if "pixels" in batch:
+            batch = normalize_pixels(batch, ImageTransform.from_config(self.artifacts.preprocess))
+        return trim_padding(batch, self.padding_invariant)
+
     def train_step(self, batch: dict[str, torch.Tensor], lang: str) -> dict[str, float]:
         self.module.train()
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
-        batch = trim_padding(batch, self.padding_invariant)
+        batch = self.model_inputs(batch)
         with autocast(self.device, self.precision):
             outputs = self.module(batch, lang, tuple(self.needs))
         extra: dict[str, float] = {}

@@ -137,7 +137,7 @@ def test_cache_rows_follow_the_dataset_and_hold_the_towers_features(micro_data, 
     assert "pixels" not in from_cache and "text_en_ids_de" not in from_cache
     state.model.eval()
     with torch.no_grad():
-        image = state.model.encode_image(torch.from_numpy(with_images["pixels"]))
+        image = state.model.encode_image(state.model_inputs({"pixels": torch.from_numpy(with_images["pixels"])})["pixels"])
         ids = trim_padding({"text_en_ids": torch.from_numpy(with_images["text_en_ids_zh"])}, True)["text_en_ids"]
         teacher = state.model.encode_text_en(ids)
     assert torch.allclose(torch.from_numpy(from_cache["image_features"]), image, atol=1e-5)

@@ -54,6 +54,7 @@ def test_bad_image_is_counted_and_skipped(micro_data):
     out = pre(rows())
     assert pre.bad_images == 1  # row b
     assert out["pixels"].shape == (2, 3, 16, 16)  # row a's two slots survive; b undecodable, c lacks de
+    assert out["pixels"].dtype == np.uint8 and (out["pixels"][:, 0] == 255).all()  # red, not yet normalised
     assert out["text_ids_de"].shape[0] == 2
 
 

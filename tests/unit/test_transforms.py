@@ -40,3 +40,23 @@ def test_batch_is_float32():
     t = ImageTransform(size=8, mean=(0, 0, 0), std=(1, 1, 1))
     out = t.batch([Image.new("RGB", (8, 8), (255, 255, 255))] * 2)
     assert out.dtype == np.float32 and torch.allclose(torch.from_numpy(out), torch.ones(2, 3, 8, 8))
+
+
+def test_stream_ships_uint8_and_the_step_normalises_like_open_clip():
+    """The training stream carries uint8 pixels; `normalize_pixels` (what train_step runs on the device) must
+    give open_clip's float preprocessing, as the numpy path does."""
+    from ccr_ray.train.loop import normalize_pixels
+
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 256, size=(90, 120, 3), dtype=np.uint8))
+    cfg = PreprocessCfg(size=32)
+    ref = image_transform_v2(cfg, is_train=False)(image)
+    t = ImageTransform(size=32, mean=tuple(cfg.mean), std=tuple(cfg.std))
+    raw = t.to_uint8(image)
+    assert raw.dtype == np.uint8 and raw.shape == (3, 32, 32)
+    stepped = normalize_pixels({"pixels": torch.from_numpy(np.stack([raw, raw]))}, t)["pixels"]
+    assert stepped.dtype == torch.float32
+    assert (stepped - ref).abs().max() < 1e-5
+    assert np.abs(t.normalize(raw) - ref.numpy()).max() < 1e-5
+    already = {"pixels": torch.from_numpy(t.batch([image]))}
+    assert normalize_pixels(already, t) is already  # float input is taken as normalised
