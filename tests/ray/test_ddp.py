@@ -109,7 +109,9 @@ def test_two_workers_match_one_worker(ray_local, micro_data, tmp_path, stage):
     assert np.abs(one - start).max() > 1e-3  # training moved the weights, so agreement means something
     assert np.array_equal(rank0, rank1)  # replicas (and discriminators) stay identical across workers
     # float reduction order differs (all-gather, gradient averaging); Adam's normalisation magnifies it in a few
-    # rarely-updated elements, so bound the worst element loosely and the typical one tightly
+    # rarely-updated elements, so bound the worst element loosely and the typical one tightly. Worst elements seen
+    # when correct: up to 6.9e-5 (le; it varies between test sessions); a real bug
+    # (DASD's adversarial pairs reversed per worker instead of over the global batch) gave 4.3e-4.
     diff = np.abs(rank0 - one)
-    assert diff.max() < 5e-5, diff.max()
+    assert diff.max() < 2e-4, diff.max()
     assert diff.mean() < 1e-7, diff.mean()
