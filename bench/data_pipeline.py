@@ -38,6 +38,7 @@ from functools import partial
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from _report import write_report
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation (open_clip.constants)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -244,9 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
         shutil.rmtree(temp, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(report, args.out)
     return 0
 
 

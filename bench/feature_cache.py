@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from _report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {"le": 1.6, "nlt": 1.4}
@@ -245,9 +246,7 @@ def main(argv: list[str] | None = None) -> int:
               f"x{s['ratio_loop']} (quartiles {s['ratio_loop_quartiles']}; target {s['target_ratio']}); "
               f"train_step alone x{s['ratio_step']}, CPU seconds x{s['ratio_cpu']}", flush=True)
     report["seconds"] = round(time.perf_counter() - started, 1)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(report, args.out)
     import shutil
 
     shutil.rmtree(home, ignore_errors=True)

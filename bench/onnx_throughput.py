@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 from _mbert import MBERT_VOCAB, mbert_shaped_tokenizer
+from _report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_LANGS = ["de", "fr", "cs", "zh", "ja"]
@@ -290,10 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     report["met"] = met
     report["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"targets met: {json.dumps(met)}\nwrote {out}")
+    print(f"targets met: {json.dumps(met)}")
+    write_report(report, args.out)
     return 0
 
 

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from _mbert import MBERT_VOCAB, mbert_shaped_tokenizer
+from _report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CCR_RAY_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -205,9 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     report["per_sample_cost_ratio"] = ratios
     if ratios:
         print("per-sample step cost, DASD / MLA:", ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(report, args.out)
     return 0
 
 

@@ -12,7 +12,6 @@ Both are measured in the same run, so the ratio is meaningful on a noisy machine
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from _report import write_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 
@@ -116,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         report["stages"][stage] = {"plain_samples_per_s": round(plain_rate, 1), "ray_samples_per_s": round(ray_rate, 1),
                                    "ratio_ray_over_plain": round(ray_rate / plain_rate, 3), "target": 0.97}
         print(stage, report["stages"][stage], flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(report, args.out)
     return 0
 
 
