@@ -11,6 +11,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -184,6 +185,11 @@ class TrainState:
         """Model outputs the stage's non-zero losses read (the forward computes nothing else)."""
         return {need for name, weight in self.cfg.loss.weights.items() if weight for need in LOSSES[name].needs}
 
+    @cached_property
+    def image_transform(self) -> ImageTransform:
+        """The model's own preprocessing (fixed for the run): normalises stream pixels, preprocesses validation."""
+        return ImageTransform.from_config(self.artifacts.preprocess)
+
     @property
     def padding_invariant(self) -> bool:
         return getattr(self.model.adapters, "padding_invariant", True)
@@ -193,7 +199,7 @@ class TrainState:
         """A stream batch as the model takes it: on the device, pixels normalised, all-padding columns cut."""
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
         if "pixels" in batch:
-            batch = normalize_pixels(batch, ImageTransform.from_config(self.artifacts.preprocess))
+            batch = normalize_pixels(batch, self.image_transform)
         return trim_padding(batch, self.padding_invariant)
 
     def train_step(self, batch: dict[str, torch.Tensor], lang: str) -> dict[str, float]:
@@ -227,7 +233,7 @@ class TrainState:
         langs = stage_languages(self.cfg, self.stage, self.stage.eval_languages)
         self.model.eval()
         results = evaluate_table(
-            self.model, table, langs, ImageTransform.from_config(self.artifacts.preprocess),
+            self.model, table, langs, self.image_transform,
             self.model.context_length, self.artifacts.tokenizer_dir, self.device,
             max_images=self.cfg.data.val_max_images, precision=self.precision, root=dataset_root)
         metrics: dict[str, float] = {f"val/mR/{lang}": r["mR"] for lang, r in results.items()}
