@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -26,8 +27,6 @@ def quiet_ray_env() -> None:
 
 def print_retrieval_report(report: dict, title: str, seconds: float, out: str | None) -> None:
     """The per-language recall table and mean mR of an evaluation report; the report as JSON to `out`."""
-    import json
-
     from ccr_ray.eval.retrieval import format_recall_table
 
     print(format_recall_table(report["results"], title))
@@ -35,4 +34,3 @@ def print_retrieval_report(report: dict, title: str, seconds: float, out: str | 
     if out:
         Path(out).write_text(json.dumps(report, indent=2))
         print(f"wrote {out}")
-
