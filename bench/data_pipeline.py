@@ -42,7 +42,7 @@ from _report import write_report
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation (open_clip.constants)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-BATCH = 64  # rows per preprocessing call, as pipeline.PREPROCESS_BATCH
+BATCH = 64  # rows per preprocessing call, as preprocess.PREPROCESS_BATCH
 
 
 def make_spec(root: str, size: int):

@@ -37,8 +37,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
 from _report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,39 +65,32 @@ def random_clip_weights(name: str, path: Path) -> str:
     return str(path)
 
 
-def batches(files: list[str], spec, batch_size: int):
-    """Endless training batches (torch tensors) from the shards in order: read -> TrainPreprocessor -> fixed size."""
-    import torch
+class Timed:
+    """A batch iterator that adds up the seconds spent producing batches (reading + preprocessing)."""
 
-    from ccr_ray.data.pipeline import PREPROCESS_BATCH
-    from ccr_ray.data.preprocess import TrainPreprocessor
+    def __init__(self, source):
+        self.source, self.seconds = source, 0.0
 
-    pre = TrainPreprocessor(spec)
-    pending: dict | None = None
-    while True:
-        for f in files:
-            for rb in pq.ParquetFile(f).iter_batches(batch_size=PREPROCESS_BATCH, columns=spec.columns):
-                part = pre({c: rb.column(c).to_numpy(zero_copy_only=False) for c in rb.schema.names})
-                pending = part if pending is None else {k: np.concatenate([pending[k], part[k]]) for k in part}
-                while len(next(iter(pending.values()))) >= batch_size:
-                    batch = {k: torch.from_numpy(v[:batch_size]) for k, v in pending.items()}
-                    pending = {k: v[batch_size:] for k, v in pending.items()}
-                    yield batch
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self.source)
+        finally:
+            self.seconds += time.perf_counter() - start
 
 
-def iteration(state, source, plan, step: int) -> tuple[float, float, float]:
-    """One training iteration: (wall seconds of the whole loop, of train_step alone, process CPU seconds)."""
-    from ccr_ray.data.preprocess import select_language
-    from ccr_ray.train.loop import language_for_step
+def iteration(state, source: Timed) -> tuple[float, float, float]:
+    """One step of the production loop (`loop.run`, data + train_step): (wall seconds of the whole iteration, of
+    train_step alone, process CPU seconds)."""
+    from ccr_ray.train import loop
 
-    start, cpu = time.perf_counter(), time.process_time()
-    batch = next(source)
-    lang = language_for_step(plan.cfg.train.seed, step, plan.train_languages)
-    picked = select_language(batch, lang, english_only=False)
-    t = time.perf_counter()
-    state.train_step(picked, lang)
-    end = time.perf_counter()
-    return end - start, end - t, time.process_time() - cpu
+    start, cpu, data = time.perf_counter(), time.process_time(), source.seconds
+    loop.run(state, source, steps=1)
+    wall = time.perf_counter() - start
+    return wall, wall - (source.seconds - data), time.process_time() - cpu
 
 
 def frozen_forward_seconds(state, source, plan, step: int, repeats: int = 3) -> float:
@@ -130,8 +121,9 @@ def measure(stage: str, plan, info, args) -> dict:
     import torch
 
     from ccr_ray.data import schema
+    from ccr_ray.data.local import local_batches
     from ccr_ray.data.preprocess import PreprocessSpec
-    from ccr_ray.train.loop import TrainState
+    from ccr_ray.train.state import TrainState
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     common = dict(languages=tuple(plan.train_languages), inputs=plan.stage.inputs, context_length=plan.context_length,
@@ -142,11 +134,14 @@ def measure(stage: str, plan, info, args) -> dict:
         "with": (PreprocessSpec(image=None, cached=info.features, feature_dim=info.embed_dim, **common), info.files),
     }
     state = TrainState.create(plan.cfg, plan.tokenizer_dir, plan.parent, "cpu")
-    sources = {name: batches(files, spec, args.batch) for name, (spec, files) in specs.items()}
+    sources = {name: Timed(local_batches(files, spec, args.batch)) for name, (spec, files) in specs.items()}
     times: dict[str, dict[str, list[float]]] = {name: {"loop": [], "step": [], "cpu": []} for name in specs}
     for i in range(args.warmup + args.steps):
         for name in (("without", "with") if i % 2 == 0 else ("with", "without")):
-            loop_s, step_s, cpu_s = iteration(state, sources[name], plan, i)
+            # both halves of a pair replay the same step number, hence the same language (the loop draws it from
+            # the step): a pair then differs only in where the frozen features come from
+            state.step = i
+            loop_s, step_s, cpu_s = iteration(state, sources[name])
             if i >= args.warmup:
                 for kind, value in (("loop", loop_s), ("step", step_s), ("cpu", cpu_s)):
                     times[name][kind].append(value)
@@ -196,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from ccr_ray.config import resolve_config
     from ccr_ray.data.synthetic import DemoDataConfig, write_demo_dataset
-    from ccr_ray.train.driver import plan_stage
-    from ccr_ray.train.loop import TrainState
+    from ccr_ray.train.plan import plan_stage
+    from ccr_ray.train.state import TrainState
 
     started = time.perf_counter()
     home = Path(tempfile.mkdtemp(prefix="ccr-bench-fc-"))

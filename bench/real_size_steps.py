@@ -55,7 +55,7 @@ def build_state(stage: str, args):
     from ccr_ray.config import resolve_config
     from ccr_ray.stages import STAGES
     from ccr_ray.tokenization import english_tokenizer, target_tokenizer
-    from ccr_ray.train.loop import TrainState
+    from ccr_ray.train.state import TrainState
 
     work = Path(args.workdir)
     de, en = captions(max(args.batch, 2000))

@@ -20,20 +20,21 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 from _report import write_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 
 
 def plain_loop(cfg, plan, steps: int, warmup: int) -> float:
-    """Single process: read shards with pyarrow, preprocess with the same TrainPreprocessor, step the model."""
+    """Single process: the shards read with pyarrow and preprocessed by the same TrainPreprocessor
+    (`data/local.py`), stepped by the same training loop the Ray worker runs (`train/loop.py`)."""
     import torch
 
     from ccr_ray.data import schema
-    from ccr_ray.data.pipeline import PREPROCESS_BATCH
-    from ccr_ray.data.preprocess import PreprocessSpec, TrainPreprocessor, select_language
-    from ccr_ray.train.loop import TrainState, language_for_step
+    from ccr_ray.data.local import local_batches
+    from ccr_ray.data.preprocess import PreprocessSpec
+    from ccr_ray.train import loop
+    from ccr_ray.train.state import TrainState
 
     torch.set_num_threads(os.cpu_count() or 1)
     state = TrainState.create(cfg, plan.tokenizer_dir, plan.parent, "cpu")
@@ -41,36 +42,18 @@ def plain_loop(cfg, plan, steps: int, warmup: int) -> float:
                           image=plan.preprocess if plan.stage.needs_images else None,
                           context_length=plan.context_length, tokenizer=plan.tokenizer_dir,
                           dataset_root=plan.dataset_root)
-    pre = TrainPreprocessor(spec)
-
-    def samples():
-        while True:
-            for f in schema.split_files(plan.dataset_root, cfg.data.train_split):
-                for rb in pq.ParquetFile(f).iter_batches(batch_size=PREPROCESS_BATCH, columns=spec.columns):
-                    batch = {c: rb.column(c).to_numpy(zero_copy_only=False) for c in rb.schema.names}
-                    yield pre(batch)
-
-    source = samples()
-    pending: list[dict] = []
-    rows, start, bs = 0, None, cfg.train.batch_size
-    for step in range(steps):
-        while rows < bs:
-            pending.append(next(source))
-            rows += len(next(iter(pending[-1].values())))
-        merged = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
-        batch = {k: torch.from_numpy(v[:bs]) for k, v in merged.items()}
-        pending, rows = [{k: v[bs:] for k, v in merged.items()}], rows - bs
-        if step == warmup:
-            start = time.perf_counter()
-        lang = language_for_step(cfg.train.seed, step, plan.train_languages)
-        state.train_step(select_language(batch, lang, english_only=plan.train_languages == ["en"]), lang)
-    return (steps - warmup) * bs / (time.perf_counter() - start)
+    batches = local_batches(schema.split_files(plan.dataset_root, cfg.data.train_split), spec, cfg.train.batch_size)
+    loop.run(state, batches, steps=warmup)
+    start = time.perf_counter()
+    loop.run(state, batches, steps=steps - warmup)
+    return (steps - warmup) * cfg.train.batch_size / (time.perf_counter() - start)
 
 
 def ray_loop(cfg, warmup: int) -> float:
     from ccr_ray.train.driver import run_stage
+    from ccr_ray.train.plan import plan_stage
 
-    result = run_stage(cfg, fresh=True, publish=False)
+    result = run_stage(plan_stage(cfg), fresh=True, publish=False)
     rows = [r for r in result.history if "samples_per_s" in r and r["step"] > warmup]
     # each logged rate covers the log_every steps before it: average weighted by steps
     return float(np.mean([r["samples_per_s"] for r in rows]))
@@ -90,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from ccr_ray.config import resolve_config
     from ccr_ray.data.synthetic import DemoDataConfig, write_demo_dataset
-    from ccr_ray.train.driver import ensure_ray, plan_stage
-    from ccr_ray.train.loop import TrainState
+    from ccr_ray.train.driver import ensure_ray
+    from ccr_ray.train.plan import plan_stage
+    from ccr_ray.train.state import TrainState
 
     home = Path(tempfile.mkdtemp(prefix="ccr-bench-"))
     data = home / "data" / "demo"

@@ -87,10 +87,6 @@ LOSSES: dict[str, LossSpec] = {
 }
 
 
-def register_loss(name: str, spec: LossSpec) -> None:
-    LOSSES[name] = spec
-
-
 def compute_losses(weights: Mapping[str, float], outputs: dict, ctx: LossContext
                    ) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted sum of the named losses (weight 0 = not computed) and each term's unweighted value."""

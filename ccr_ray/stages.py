@@ -17,14 +17,30 @@ machine-translated downstream captions (`data.pretrain` pointing at them).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from types import MappingProxyType
 from typing import Any
 
 # Parameter groups (see CCRModel.param_groups): the vocabulary `trains` is written in.
 MULTILINGUAL_PATH = ("token_embedding", "embedding_proj", "adapters")
 CLIP_TOWERS = ("image_tower", "text_tower")
+
+
+class Languages(str, Enum):
+    """Which languages a stage's batches (or its validation score) use, given the model's target languages."""
+
+    ENGLISH = "en"  # English only (the CLIP path)
+    TARGETS = "targets"  # the target languages; training draws one per step (monolingual batches)
+    ALL = "all"  # English and the targets
+
+    def resolve(self, targets: Sequence[str]) -> list[str]:
+        if self is Languages.ENGLISH:
+            return ["en"]
+        if self is Languages.TARGETS:
+            return list(targets)
+        return ["en", *targets]
 
 
 @dataclass(frozen=True)
@@ -35,13 +51,22 @@ class Stage:
     losses: Mapping[str, float]  # loss name -> default weight
     dataset: str  # "pretrain" (CC300K-style) or "downstream" (Multi30K-style): a field of DataConfig
     inputs: tuple[str, ...]  # what a training batch carries: "image", "text_en", "text_target"
-    languages: str  # "en": English batches only; "targets": monolingual batches, language sampled per step
-    eval_languages: str  # "en", "targets" or "all": languages of the validation score (mean mR)
+    languages: Languages  # languages of the training batches
+    validation: Languages  # languages of the validation score (mean mR)
     parent: str | None = None  # stage whose checkpoint this one starts from
     inherit: str = "all"  # "all": every weight of the parent; "backbone": only the CLIP weights
     parent_optional: bool = False  # True: a local pretrained CLIP file (backbone.pretrained) can stand in
     adapter: str | None = None  # adapter kind the stage needs ("mla", "dasd"); None = any
     defaults: Mapping[str, Any] = field(default_factory=dict)  # dotted config keys, the seeds' values
+    # Ray Tune's default search space for this stage (jobs/tune.py; tune/space.py has the syntax): the adapter size
+    # of the method it trains, the learning rate around the seeds' value, and its secondary loss weights
+    search_space: Mapping[str, str] = field(default_factory=dict)
+
+    def train_languages(self, targets: Sequence[str]) -> list[str]:
+        return self.languages.resolve(targets)
+
+    def eval_languages(self, targets: Sequence[str]) -> list[str]:
+        return self.validation.resolve(targets)
 
     def config_defaults(self) -> dict[str, Any]:
         from ccr_ray.config import dotted_to_nested
@@ -74,10 +99,11 @@ STAGES: Mapping[str, Stage] = _table(
         losses={"contrastive_en": 1.0},
         dataset="pretrain",
         inputs=("image", "text_en"),
-        languages="en",
-        eval_languages="en",
+        languages=Languages.ENGLISH,
+        validation=Languages.ENGLISH,
         defaults={"loss.learn_scale": True, "optim.name": "adamw", "optim.lr": 1e-3, "optim.weight_decay": 0.1,
                   "optim.warmup": 0.05, "train.select": "final"},
+        search_space={"optim.lr": "loguniform(1e-4, 3e-3)"},
     ),
     Stage(
         name="nlt",
@@ -86,13 +112,14 @@ STAGES: Mapping[str, Stage] = _table(
         losses={"distill_mse": 1.0},
         dataset="pretrain",
         inputs=("text_en", "text_target"),
-        languages="targets",
-        eval_languages="targets",
+        languages=Languages.TARGETS,
+        validation=Languages.TARGETS,
         parent="clip",
         inherit="backbone",
         parent_optional=True,
         adapter="mla",
         defaults={"optim.lr": 2e-4, "train.max_steps": 45_000, "train.eval_every": 3_000, "train.batch_size": 128},
+        search_space={"model.mla.hidden": "choice(64, 128, 256)", "optim.lr": "loguniform(5e-5, 1e-3)"},
     ),
     Stage(
         name="le",
@@ -101,13 +128,15 @@ STAGES: Mapping[str, Stage] = _table(
         losses={"contrastive_target": 1.0},
         dataset="pretrain",
         inputs=("image", "text_target"),
-        languages="targets",
-        eval_languages="targets",
+        languages=Languages.TARGETS,
+        validation=Languages.TARGETS,
         parent="nlt",
         adapter="mla",
         # MLA's zero-shot evaluation used the final LE weights (spec 2.3)
         defaults={"optim.lr": 5e-6, "train.max_steps": 10_000, "train.eval_every": 500, "train.batch_size": 128,
                   "train.select": "final"},
+        # stages that inherit every weight keep their parent's adapter size: only the learning rate
+        search_space={"optim.lr": "loguniform(1e-6, 5e-5)"},
     ),
     Stage(
         name="finetune-en",
@@ -116,11 +145,12 @@ STAGES: Mapping[str, Stage] = _table(
         losses={"contrastive_en": 1.0},
         dataset="downstream",
         inputs=("image", "text_en"),
-        languages="en",
-        eval_languages="en",  # both seeds select on English here (DASD-hist: eval_langs en); evaluate all after
+        languages=Languages.ENGLISH,
+        validation=Languages.ENGLISH,  # both seeds select on English here (DASD-hist: eval_langs en); evaluate all after
         parent="le",
         # 5 epochs of Multi30K (29k images) at batch 128 ~ 1,130 steps
         defaults={"optim.lr": 3e-6, "train.max_steps": 1_130, "train.eval_every": 226, "train.batch_size": 128},
+        search_space={"optim.lr": "loguniform(1e-6, 3e-5)"},
     ),
     Stage(
         name="finetune-all",
@@ -129,11 +159,12 @@ STAGES: Mapping[str, Stage] = _table(
         losses={"contrastive_target": 1.0},
         dataset="downstream",
         inputs=("image", "text_target"),
-        languages="targets",
-        eval_languages="targets",
+        languages=Languages.TARGETS,
+        validation=Languages.TARGETS,
         parent="finetune-en",
         adapter="mla",
         defaults={"optim.lr": 5e-6, "train.max_steps": 10_000, "train.eval_every": 500, "train.batch_size": 128},
+        search_space={"optim.lr": "loguniform(1e-6, 5e-5)"},
     ),
     Stage(
         name="cla",
@@ -143,13 +174,16 @@ STAGES: Mapping[str, Stage] = _table(
         losses={"distill_mse": 1.0, "consistency_l1": 0.1, "adversarial_text": 0.001},
         dataset="pretrain",
         inputs=("text_en", "text_target"),
-        languages="targets",
-        eval_languages="targets",
+        languages=Languages.TARGETS,
+        validation=Languages.TARGETS,
         parent="clip",
         inherit="backbone",
         parent_optional=True,
         adapter="dasd",
         defaults={"optim.lr": 2e-4, "train.max_steps": 45_000, "train.eval_every": 3_000, "train.batch_size": 128},
+        search_space={"model.dasd.core": "choice(16, 32, 64)", "optim.lr": "loguniform(5e-5, 1e-3)",
+                      "loss.weights.consistency_l1": "loguniform(0.01, 1)",
+                      "loss.weights.adversarial_text": "loguniform(1e-4, 1e-2)"},
     ),
     Stage(
         name="cma",
@@ -160,11 +194,15 @@ STAGES: Mapping[str, Stage] = _table(
                 "adversarial_image": 0.001},
         dataset="pretrain",
         inputs=("image", "text_en", "text_target"),
-        languages="targets",
-        eval_languages="targets",
+        languages=Languages.TARGETS,
+        validation=Languages.TARGETS,
         parent="cla",
         adapter="dasd",
         defaults={"optim.lr": 6e-6, "train.max_steps": 7_000, "train.eval_every": 500, "train.batch_size": 128},
+        search_space={"optim.lr": "loguniform(1e-6, 5e-5)", "loss.weights.contrastive_target": "uniform(0.5, 2)",
+                      "loss.weights.distill_mse": "uniform(0.25, 2)",
+                      "loss.weights.consistency_smoothl1": "loguniform(0.01, 1)",
+                      "loss.weights.adversarial_image": "loguniform(1e-4, 1e-2)"},
     ),
 )
 
@@ -186,9 +224,3 @@ RECIPES: Mapping[str, Recipe] = MappingProxyType({r.name: r for r in (
     Recipe("mla-zero-shot", "MLA zero-shot (nlt -> le)", ("clip", "nlt", "le")),
     Recipe("dasd-zero-shot", "DASD zero-shot (cla -> cma)", ("clip", "cla", "cma")),
 )})
-
-
-def get_stage(name: str) -> Stage:
-    if name not in STAGES:
-        raise KeyError(f"unknown stage {name!r}; known: {', '.join(STAGES)}")
-    return STAGES[name]

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         return fail(str(err))
     from ccr_ray.data.feature_cache import prune_stale, stale_caches
-    from ccr_ray.train.driver import StageError, plan_stage
+    from ccr_ray.train.plan import StageError, plan_stage
 
     try:
         plan = plan_stage(cfg, args.config)

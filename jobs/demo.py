@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     t_data = time.perf_counter()
 
     # 2. stages, one Ray session
-    from ccr_ray.train.driver import StageError, ensure_ray, plan_stage, run_stage
+    from ccr_ray.train.driver import ensure_ray, run_stage
+    from ccr_ray.train.plan import StageError, plan_stage
 
     timings = {"data": t_data - started}
     for stage in stages:
@@ -86,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{stage}] reusing {plan.output_dir / 'checkpoint'} (same config; --fresh retrains)")
             continue
         ensure_ray()
+        if cfg.run.verbose:
+            print(plan.summary(), flush=True)
         try:
-            run_stage(cfg, config_source="demo", fresh=True)
+            run_stage(plan, fresh=True)
         except StageError as err:
             return fail(str(err))
         timings[stage] = time.perf_counter() - t0

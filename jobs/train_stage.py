@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(args.stage, args.config, overrides)
     except ConfigError as err:
         return fail(str(err))
-    from ccr_ray.train.driver import StageError, plan_stage, run_stage
+    from ccr_ray.train.driver import run_stage
+    from ccr_ray.train.plan import StageError, plan_stage
 
     try:
         plan = plan_stage(cfg, args.config)
@@ -59,10 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(err))
     if args.dry_run:
         print(json.dumps(cfg.to_dict(), indent=2))
-        print(plan.summary())
+    if args.dry_run or cfg.run.verbose:
+        print(plan.summary(), flush=True)
+    if args.dry_run:
         return 0
     try:
-        result = run_stage(cfg, config_source=args.config, fresh=args.fresh)
+        result = run_stage(plan, fresh=args.fresh)
     except StageError as err:
         return fail(str(err))
     metrics = {k: round(v, 2) for k, v in result.metrics.items() if k.startswith("val/")}

@@ -35,11 +35,8 @@ from ray.data import ExecutionOptions, ExecutionResources
 from ccr_ray.config import ExperimentConfig
 from ccr_ray.data import schema
 from ccr_ray.data.feature_cache import CacheInfo
-from ccr_ray.data.preprocess import PreprocessSpec, TrainPreprocessor
+from ccr_ray.data.preprocess import PREPROCESS_BATCH, PreprocessSpec, TrainPreprocessor
 from ccr_ray.stages import Stage
-
-PREPROCESS_BATCH = 64  # rows per map_batches call: large enough to amortise task overhead, small for latency
-
 
 TRAIN_KEY = "train"
 

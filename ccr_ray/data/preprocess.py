@@ -18,6 +18,7 @@ from ccr_ray.data.feature_cache import BATCH_KEYS, FEATURE_COLUMNS, vectors
 from ccr_ray.data.transforms import ImageTransform, open_image
 
 log = logging.getLogger(__name__)
+PREPROCESS_BATCH = 64  # rows per preprocessing call: large enough to amortise task overhead, small for latency
 
 
 @dataclass(frozen=True)
@@ -200,12 +201,6 @@ class TrainPreprocessor:
             if keep[k]:
                 pixels[k] = decoded[int(r)]
         return pixels, keep
-
-
-def pad_or_trim(ids: np.ndarray, length: int, pad: int = 0) -> np.ndarray:
-    if ids.shape[1] >= length:
-        return ids[:, :length]
-    return np.pad(ids, ((0, 0), (0, length - ids.shape[1])), constant_values=pad)
 
 
 def tokenize_captions(texts: Sequence[str], lang: str, context_length: int, tokenizer: str | None

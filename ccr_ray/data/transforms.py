@@ -62,7 +62,7 @@ class ImageTransform:
     def to_uint8(self, image: Image.Image) -> np.ndarray:
         """PIL image -> uint8 [3, size, size], resized and cropped but not normalised. The training stream ships
         these (a quarter of float32's bytes through Ray's object store) and the training step normalises them
-        (`normalize`, or `ccr_ray.train.loop.normalize_pixels` on the device)."""
+        (`normalize`, or `ccr_ray.train.state.normalize_pixels` on the device)."""
         return np.ascontiguousarray(np.asarray(self.resize_crop(image), dtype=np.uint8).transpose(2, 0, 1))
 
     def normalize(self, pixels: np.ndarray) -> np.ndarray:

@@ -121,10 +121,6 @@ def preprocess_config(model: open_clip.CLIP) -> dict[str, Any]:
     return cfg
 
 
-def text_blocks(model: open_clip.CLIP) -> torch.nn.ModuleList:
-    return model.transformer.resblocks
-
-
 def causal_mask(model: open_clip.CLIP, length: int) -> torch.Tensor:
     """CLIP's additive causal mask cropped to `length` tokens."""
     return model.attn_mask[:length, :length]

@@ -43,6 +43,3 @@ class MLAAdapters(nn.Module):
 
     def aux_outputs(self, context) -> dict[str, torch.Tensor]:
         return {}
-
-    def language_parameters(self, lang: str) -> list[nn.Parameter]:
-        return list(self.acquirers[lang].parameters())

@@ -1,38 +1,29 @@
-"""The training loop in plain PyTorch: build a stage's model and optimizer, step it, validate it, save it.
+"""The training loop in plain PyTorch. Read top to bottom, every step:
 
-Ray never appears here. `train/worker.py` feeds it batches from Ray Data shards inside Ray Train; the
-single-process benchmark loop and the tests feed it directly.
+    draw the step's language     a function of (seed, step): every DDP worker and a resumed run draw the same
+    take the next batch          the stream carries every training language; keep the drawn one's columns, so
+                                 every batch is monolingual (the seeds' MetaLoader)
+    one optimizer step           TrainState.train_step (train/state.py)
+    log                          every train.log_every steps and at the last: a record in state.history, on_log
+    validate                     every train.eval_every steps and at the last: on_eval
+    stop                         at train.max_steps (or after `steps` more, for callers that step in slices)
+
+Ray never appears here. The Ray Train worker (train/worker.py) hands it its shard's batches and an `on_eval` that
+validates, checkpoints and reports to Ray Train; benchmarks and tests hand it local batches and their own hooks.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
-from functools import cached_property
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import numpy as np
-import pyarrow as pa
 import torch
-from torch import nn
 
-from ccr_ray.config import ExperimentConfig
-from ccr_ray.data.transforms import ImageTransform
-from ccr_ray.eval.retrieval import evaluate_table, mean_mr
-from ccr_ray.losses import LOSSES, LossContext, compute_losses
-from ccr_ray.models import backbone
-from ccr_ray.models.ccr import CCRModel, TokenizerInfo, build_model, load_mbert_embeddings
-from ccr_ray.optim import Optimization
-from ccr_ray.stages import STAGES, Stage
-from ccr_ray.train import checkpoint as ckpt
-from ccr_ray.train.adversarial import Adversary
+from ccr_ray.data.preprocess import select_language
+from ccr_ray.train.state import TrainState
 
-log = logging.getLogger(__name__)
-MAX_LOGIT_SCALE = math.log(100.0)  # open_clip clamps the learned scale at 100
-ADVERSARY_OPTIM = "adam/"  # prefix of the discriminator's own optimizer state in optimizer.safetensors
+Batch = dict[str, torch.Tensor]
 
 
 def language_for_step(seed: int, step: int, languages: list[str]) -> str:
@@ -41,249 +32,6 @@ def language_for_step(seed: int, step: int, languages: list[str]) -> str:
     if len(languages) == 1:
         return languages[0]
     return languages[int(np.random.default_rng([seed, step]).integers(len(languages)))]
-
-
-def stage_languages(cfg: ExperimentConfig, stage: Stage, which: str) -> list[str]:
-    if which == "en":
-        return ["en"]
-    if which == "targets":
-        return list(cfg.model.languages)
-    return ["en", *cfg.model.languages]
-
-
-def resolve_precision(cfg: ExperimentConfig, device: torch.device) -> str:
-    if cfg.train.precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return cfg.train.precision
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast (no GradScaler needed, unlike the seeds' fp16); the model itself stays fp32."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def normalize_pixels(batch: dict[str, torch.Tensor], transform: ImageTransform) -> dict[str, torch.Tensor]:
-    """uint8 pixels from the training stream (data/preprocess.py) -> float32 normalised, on their device, with
-    the same arithmetic as `ImageTransform.normalize`. Float pixels (already normalised) pass through."""
-    pixels = batch.get("pixels")
-    if pixels is None or pixels.is_floating_point():
-        return batch
-    mean = torch.tensor(transform.mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
-    std = torch.tensor(transform.std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
-    return {**batch, "pixels": (pixels.to(torch.float32) / 255.0 - mean) / std}
-
-
-def trim_padding(batch: dict[str, torch.Tensor], padding_invariant: bool) -> dict[str, torch.Tensor]:
-    """Cut columns that are padding in every row. Exact under the causal mask: the pooled token ([SEP] /
-    EOT) never attends to later positions. Skipped when the adapter pools over padding (DASD's original mode)."""
-    out = dict(batch)
-    if "text_en_ids" in out:
-        ids = out["text_en_ids"]
-        length = int(ids.argmax(dim=1).max()) + 1  # EOT has the largest id in CLIP's vocabulary
-        out["text_en_ids"] = ids[:, :length]
-    if padding_invariant and "text_mask" in out:
-        length = int(out["text_mask"].sum(dim=1).max())
-        out["text_ids"], out["text_mask"] = out["text_ids"][:, :length], out["text_mask"][:, :length]
-    return out
-
-
-@dataclass
-class ModelArtifacts:
-    """What rebuilding the model needs besides the config (stored in every checkpoint)."""
-
-    clip_cfg: dict
-    tokens: TokenizerInfo
-    preprocess: dict
-    tokenizer_dir: str
-
-
-def build_stage_model(cfg: ExperimentConfig, stage: Stage, tokenizer_dir: str, parent: str | None
-                      ) -> tuple[CCRModel, ModelArtifacts]:
-    """Model for `stage`: from the parent checkpoint (all weights or backbone only, per the stage table), else
-    from a local pretrained CLIP file / random init; E from M-BERT when configured and not inherited."""
-    from ccr_ray.tokenization import target_tokenizer
-
-    context = cfg.model.text.context_length
-    if parent:
-        meta = ckpt.read_meta(parent)
-        clip_cfg = meta.clip_cfg
-    else:
-        clip_cfg = backbone.backbone_model_config(cfg.model.backbone.name)
-    if not context:
-        context = int(clip_cfg["text_cfg"].get("context_length", 77))
-    tokens = target_tokenizer(tokenizer_dir, context).info()
-    model = build_model(cfg.model, tokens, clip_cfg=clip_cfg)
-    if parent:
-        ckpt.load_weights_into(model, parent, stage.inherit)
-    elif cfg.model.backbone.pretrained:
-        backbone.load_backbone_weights(model.clip, cfg.path(cfg.model.backbone.pretrained))
-    if not parent or stage.inherit == "backbone":
-        hook = getattr(model.adapters, "after_backbone_loaded", None)
-        if hook is not None:
-            hook(model.clip)
-    if cfg.model.text.embeddings_init and (not parent or stage.inherit == "backbone"):
-        table = load_mbert_embeddings(cfg.path(cfg.model.text.embeddings_init))
-        if tuple(table.shape) != tuple(model.embedding.token_embedding.weight.shape):
-            raise ValueError(f"model.text.embeddings_init: table {tuple(table.shape)} does not match tokenizer "
-                             f"vocabulary x embed_dim {tuple(model.embedding.token_embedding.weight.shape)}")
-        with torch.no_grad():
-            model.embedding.token_embedding.weight.copy_(table)
-    return model, ModelArtifacts(clip_cfg, tokens, backbone.preprocess_config(model.clip), tokenizer_dir)
-
-
-@dataclass
-class TrainState:
-    cfg: ExperimentConfig
-    stage: Stage
-    model: CCRModel  # the bare model (checkpoints, evaluation)
-    artifacts: ModelArtifacts
-    optim: Optimization
-    device: torch.device
-    precision: str
-    loss_ctx: LossContext
-    module: nn.Module | None = None  # what forward runs through: the model, or its DDP wrapper
-    adversary: Adversary | None = None  # DASD's discriminator (training only; never part of the model)
-    step: int = 0
-    best_score: float | None = None
-    best_step: int | None = None
-    history: list[dict] = field(default_factory=list)
-    last_metrics: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.module is None:
-            self.module = self.model
-
-    # ---------------------------------------------------------------- building
-    @classmethod
-    def create(cls, cfg: ExperimentConfig, tokenizer_dir: str, parent: str | None, device: torch.device | str,
-               rank: int = 0, world_size: int = 1) -> TrainState:
-        stage = STAGES[cfg.stage]
-        device = torch.device(device)
-        torch.manual_seed(cfg.train.seed)
-        model, artifacts = build_stage_model(cfg, stage, tokenizer_dir, parent)
-        model.to(device)
-        trainable = model.set_trainable(stage.trains)
-        adversary = None
-        if any(LOSSES[name].adversarial_gold for name, w in cfg.loss.weights.items() if w):
-            embed = model.clip.text_projection.shape[-1]
-            adversary = Adversary(model.width + embed, cfg.model.dasd, device)
-            if parent and stage.inherit == "all":  # CMA carries CLA's discriminator on (spec 3.3)
-                aux = ckpt.load_tensors(parent, ckpt.AUX_FILE)
-                if aux is not None:
-                    adversary.load_weights(aux)
-            if adversary.in_main_optimizer:
-                trainable = trainable + adversary.named_parameters()
-        optim = Optimization(trainable, cfg.optim, t_total=cfg.train.max_steps)
-        ctx = LossContext(rank=rank, world_size=world_size, scale=cfg.loss.scale, extras={"adversary": adversary})
-        return cls(cfg, stage, model, artifacts, optim, device, resolve_precision(cfg, device), ctx,
-                   adversary=adversary)
-
-    @property
-    def needs(self) -> set[str]:
-        """Model outputs the stage's non-zero losses read (the forward computes nothing else)."""
-        return {need for name, weight in self.cfg.loss.weights.items() if weight for need in LOSSES[name].needs}
-
-    @cached_property
-    def image_transform(self) -> ImageTransform:
-        """The model's own preprocessing (fixed for the run): normalises stream pixels, preprocesses validation."""
-        return ImageTransform.from_config(self.artifacts.preprocess)
-
-    @property
-    def padding_invariant(self) -> bool:
-        return getattr(self.model.adapters, "padding_invariant", True)
-
-    # ---------------------------------------------------------------- one step
-    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A stream batch as the model takes it: on the device, pixels normalised, all-padding columns cut."""
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
-        if "pixels" in batch:
-            batch = normalize_pixels(batch, self.image_transform)
-        return trim_padding(batch, self.padding_invariant)
-
-    def train_step(self, batch: dict[str, torch.Tensor], lang: str) -> dict[str, float]:
-        self.module.train()
-        batch = self.model_inputs(batch)
-        with autocast(self.device, self.precision):
-            outputs = self.module(batch, lang, tuple(self.needs))
-        extra: dict[str, float] = {}
-        if self.adversary is not None:
-            # discriminator first, on detached features, so the generator term sees the updated discriminator
-            for name, weight in self.cfg.loss.weights.items():
-                gold = LOSSES[name].adversarial_gold
-                if weight and gold:
-                    extra["discriminator"] = self.adversary.train_discriminator(outputs["s_a"], outputs[gold])
-        if self.cfg.loss.learn_scale:
-            self.loss_ctx.scale = self.model.clip.logit_scale.exp()
-        total, terms = compute_losses(self.cfg.loss.weights, outputs, self.loss_ctx)
-        self.optim.zero_grad()
-        total.backward()
-        if self.adversary is not None and self.adversary.in_main_optimizer:
-            self.adversary.sync_grads()
-        self.optim.step()
-        if self.cfg.loss.learn_scale:
-            with torch.no_grad():
-                self.model.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        self.step += 1
-        return {"loss": float(total.detach()), **terms, **extra}
-
-    # ---------------------------------------------------------------- validation
-    def validate(self, table: pa.Table, dataset_root: str | None = None) -> dict[str, float]:
-        langs = stage_languages(self.cfg, self.stage, self.stage.eval_languages)
-        self.model.eval()
-        results = evaluate_table(
-            self.model, table, langs, self.image_transform,
-            self.model.context_length, self.artifacts.tokenizer_dir, self.device,
-            max_images=self.cfg.data.val_max_images, precision=self.precision, root=dataset_root)
-        metrics: dict[str, float] = {f"val/mR/{lang}": r["mR"] for lang, r in results.items()}
-        metrics["val/mR"] = mean_mr(results, langs)
-        score = metrics["val/mR"]
-        if self.best_score is None or score > self.best_score:
-            self.best_score, self.best_step = score, self.step
-        metrics["val/best_mR"] = self.best_score
-        return metrics
-
-    # ---------------------------------------------------------------- checkpoints
-    def meta(self, metrics: dict | None = None) -> ckpt.CheckpointMeta:
-        a = self.artifacts
-        return ckpt.CheckpointMeta(config=self.cfg.to_dict(), clip_cfg=a.clip_cfg, tokens=a.tokens.to_dict(),
-                                   preprocess=a.preprocess, stage=self.stage.name, step=self.step,
-                                   metrics=metrics or {}, best_score=self.best_score, best_step=self.best_step,
-                                   log=self.history)
-
-    def save(self, path: str | Path, metrics: dict | None = None, with_optimizer: bool = True) -> Path:
-        tensors, scalars = self.optim.state_tensors() if with_optimizer else (None, None)
-        aux = None
-        if self.adversary is not None:
-            aux = self.adversary.weights()
-            if with_optimizer:
-                d_tensors, d_scalars = self.adversary.optimizer_tensors()
-                tensors.update({ADVERSARY_OPTIM + k: v for k, v in d_tensors.items()})
-                scalars["adversary"] = d_scalars
-        return ckpt.save_checkpoint(path, self.model, self.meta(metrics), tokenizer_dir=self.artifacts.tokenizer_dir,
-                                    aux=aux, optimizer=tensors, optimizer_scalars=scalars)
-
-    def restore(self, path: str | Path) -> None:
-        """Resume: weights, optimizer moments, step, best score and log from a checkpoint of this run."""
-        from safetensors.torch import load_file
-
-        meta = ckpt.read_meta(path)
-        self.model.load_state_dict(load_file(str(Path(path) / ckpt.MODEL_FILE)), strict=True)
-        tensors = ckpt.load_tensors(path, ckpt.OPTIM_FILE)
-        scalars = ckpt.load_optimizer_scalars(path)
-        if tensors is not None:
-            main = {k: v for k, v in tensors.items() if not k.startswith(ADVERSARY_OPTIM)}
-            self.optim.load_state_tensors(main, scalars)
-        if self.adversary is not None:
-            aux = ckpt.load_tensors(path, ckpt.AUX_FILE)
-            if aux is not None:
-                self.adversary.load_weights(aux)
-            if tensors is not None:
-                own = {k[len(ADVERSARY_OPTIM):]: v for k, v in tensors.items() if k.startswith(ADVERSARY_OPTIM)}
-                self.adversary.load_optimizer_tensors(own, scalars.get("adversary", {}))
-        self.step, self.best_score, self.best_step = meta.step, meta.best_score, meta.best_step
-        self.history = list(meta.log)
 
 
 class Throughput:
@@ -302,7 +50,46 @@ class Throughput:
         return value
 
 
-def format_progress(stage: str, step: int, max_steps: int, metrics: dict, lang: str, lr: float, rate: float) -> str:
-    terms = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "loss")
-    return (f"[{stage}] step {step}/{max_steps} | loss {metrics['loss']:.4f} ({terms}) | lang {lang} | "
-            f"lr {lr:.2e} | {rate:.0f} samples/s")
+def run(state: TrainState, batches: Iterator[Batch], *,
+        on_log: Callable[[TrainState, dict], None] | None = None,
+        on_eval: Callable[[TrainState], None] | None = None,
+        on_step: Callable[[TrainState, dict], None] | None = None,
+        steps: int | None = None) -> TrainState:
+    """Train `state` from its current step to `train.max_steps` on `batches` (stream batches with every training
+    language's columns; global-batch rows for one process, this worker's share under DDP).
+
+    on_step(state, metrics)  after every optimizer step
+    on_log(state, record)    at the log cadence; `record` (step, language, lr, samples/s, loss terms) is already in
+                             state.history
+    on_eval(state)           at the validation cadence (validate, checkpoint, report: the caller's business)
+    steps                    stop after this many steps even before train.max_steps
+    """
+    cfg = state.cfg
+    languages = state.train_languages
+    english_only = languages == ["en"]
+    max_steps = cfg.train.max_steps
+    stop = max_steps if steps is None else min(max_steps, state.step + steps)
+    eval_every = cfg.train.eval_every or max_steps
+    speed = Throughput()
+    while state.step < stop:
+        lang = language_for_step(cfg.train.seed, state.step, languages)
+        batch = select_language(next(batches), lang, english_only=english_only)
+        metrics = state.train_step(batch, lang)
+        speed.add(cfg.train.batch_size)
+        if on_step is not None:
+            on_step(state, metrics)
+        if state.step % cfg.train.log_every == 0 or state.step == max_steps:
+            record = {"step": state.step, "lang": lang, "lr": state.optim.lr, "samples_per_s": speed.rate(), **metrics}
+            state.history.append(record)
+            if on_log is not None:
+                on_log(state, record)
+        if (state.step % eval_every == 0 or state.step == max_steps) and on_eval is not None:
+            on_eval(state)
+    return state
+
+
+def format_progress(stage: str, step: int, max_steps: int, record: dict) -> str:
+    terms = " ".join(f"{k} {v:.4f}" for k, v in record.items()
+                     if k not in ("step", "lang", "lr", "samples_per_s", "loss"))
+    return (f"[{stage}] step {step}/{max_steps} | loss {record['loss']:.4f} ({terms}) | lang {record['lang']} | "
+            f"lr {record['lr']:.2e} | {record['samples_per_s']:.0f} samples/s")

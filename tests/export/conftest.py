@@ -25,7 +25,7 @@ def load_cli(name: str):
 
 def make_checkpoint(data: str, folder: Path, stage: str, **sections) -> str:
     from ccr_ray.config import resolve_config
-    from ccr_ray.train.loop import TrainState
+    from ccr_ray.train.state import TrainState
 
     cfg = resolve_config(stage, micro_config(data, str(folder.parent / "home"), languages=LANGS, **sections))
     TrainState.create(cfg, os.path.join(data, "tokenizer"), None, "cpu").save(folder)

@@ -16,25 +16,24 @@ GLOBAL_BATCH = 8
 STEPS = 3
 
 
-def global_batches(micro_data, context):
+def global_batches(micro_data, cfg_dict):
+    """The first STEPS global batches of the training stream, read without Ray (every stream language's columns;
+    the loop draws each step's language)."""
+    from ccr_ray.config import ExperimentConfig
     from ccr_ray.data import schema
-    from ccr_ray.data.transforms import ImageTransform, open_image
-    from ccr_ray.tokenization import english_tokenizer, target_tokenizer
+    from ccr_ray.data.local import local_batches
+    from ccr_ray.data.preprocess import PreprocessSpec
+    from ccr_ray.models import backbone
+    from ccr_ray.stages import STAGES
 
-    table = schema.read_split_table(micro_data, "train").slice(0, GLOBAL_BATCH * STEPS)
-    transform = ImageTransform(size=32, mean=(0.48, 0.46, 0.41), std=(0.27, 0.26, 0.28))
-    tok = target_tokenizer(os.path.join(micro_data, "tokenizer"), context)
-    batches = []
-    for step in range(STEPS):
-        rows = table.slice(step * GLOBAL_BATCH, GLOBAL_BATCH)
-        lang = ("de", "zh", "de")[step]
-        ids, mask = tok([c[0] for c in rows[f"captions_{lang}"].to_pylist()])
-        batches.append((lang, {
-            "pixels": torch.from_numpy(transform.batch([open_image(b) for b in rows["image"].to_pylist()])),
-            "text_ids": torch.from_numpy(ids), "text_mask": torch.from_numpy(mask),
-            "text_en_ids": torch.from_numpy(english_tokenizer(context)([c[0] for c in rows["captions_en"].to_pylist()])),
-        }))
-    return batches
+    cfg = ExperimentConfig.from_dict(cfg_dict)
+    stage = STAGES[cfg.stage]
+    clip_cfg = backbone.backbone_model_config(cfg.model.backbone.name)
+    spec = PreprocessSpec(languages=tuple(stage.train_languages(cfg.model.languages)), inputs=stage.inputs,
+                          image=backbone.preprocess_from_model_config(clip_cfg) if stage.needs_images else None,
+                          context_length=77, tokenizer=os.path.join(micro_data, "tokenizer"), dataset_root=micro_data)
+    source = local_batches(schema.split_files(micro_data, "train"), spec, GLOBAL_BATCH)
+    return [next(source) for _ in range(STEPS)]
 
 
 def trained_vector(state) -> np.ndarray:
@@ -46,17 +45,19 @@ def trained_vector(state) -> np.ndarray:
 
 
 def run_steps(cfg_dict, data, rank=0, world=1, wrap=None):
+    """STEPS steps of the production loop on this rank's share of each global batch."""
     from ccr_ray.config import ExperimentConfig
-    from ccr_ray.train.loop import TrainState
+    from ccr_ray.train import loop
+    from ccr_ray.train.state import TrainState
 
     cfg = ExperimentConfig.from_dict(cfg_dict)
     state = TrainState.create(cfg, os.path.join(data, "tokenizer"), None, "cpu", rank, world)
     if wrap is not None:
         state.module = wrap(state.model)
     local = GLOBAL_BATCH // world
-    for lang, batch in global_batches(data, 77):
-        state.train_step({k: v[rank * local:(rank + 1) * local] for k, v in batch.items()}, lang)
-    return state
+    shares = ({k: v[rank * local:(rank + 1) * local] for k, v in batch.items()}
+              for batch in global_batches(data, cfg_dict))
+    return loop.run(state, shares)
 
 
 def train_fn(config):
@@ -101,7 +102,7 @@ def test_two_workers_match_one_worker(ray_local, micro_data, tmp_path, stage):
     torch.set_num_threads(1)
     one = trained_vector(run_steps(cfg, micro_data))
     from ccr_ray.config import ExperimentConfig
-    from ccr_ray.train.loop import TrainState
+    from ccr_ray.train.state import TrainState
 
     start = trained_vector(TrainState.create(ExperimentConfig.from_dict(cfg), os.path.join(micro_data, "tokenizer"),
                                              None, "cpu"))

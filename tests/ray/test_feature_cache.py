@@ -28,8 +28,9 @@ def test_cache_built_by_actors_gives_the_same_training_run(ray_local, micro_data
     import cache_features
 
     from ccr_ray.data import feature_cache as fc
-    from ccr_ray.train.driver import plan_stage, run_stage
-    from ccr_ray.train.loop import TrainState
+    from ccr_ray.train.driver import run_stage
+    from ccr_ray.train.plan import plan_stage
+    from ccr_ray.train.state import TrainState
 
     with_cache, without = write_config(tmp_path, micro_data, True), write_config(tmp_path, micro_data, False)
     cla = resolve_config("cla", with_cache)  # cma's parent, random weights: the cache only needs its backbone
@@ -58,9 +59,9 @@ def test_cache_built_by_actors_gives_the_same_training_run(ray_local, micro_data
         np.testing.assert_allclose(np.array(ours.column(col).to_pylist()), np.array(theirs.column(col).to_pylist()),
                                    atol=1e-5)
 
-    cached_run = run_stage(resolve_config("cma", with_cache), publish=False)
+    cached_run = run_stage(plan_stage(resolve_config("cma", with_cache)), publish=False)
     assert (plan.folder / fc.CACHE_FILE).stat().st_mtime_ns == built_at  # valid: used, not rebuilt
-    image_run = run_stage(resolve_config("cma", without), publish=False)
+    image_run = run_stage(plan_stage(resolve_config("cma", without)), publish=False)
     assert cached_run.run_path != image_run.run_path
     events = lambda result: [r for r in result.history if r.get("event") == "feature_cache"]  # noqa: E731
     assert [r["path"] for r in events(cached_run)] == [str(plan.folder)] and not events(image_run)

@@ -55,27 +55,48 @@ def test_clip_nlt_le_then_evaluate_through_the_job_clis(ray_local, micro_data, t
 
 def test_rerunning_the_same_config_resumes_instead_of_restarting(ray_local, micro_cfg):
     from ccr_ray.train.driver import run_stage
+    from ccr_ray.train.plan import plan_stage
 
     cfg = micro_cfg("clip")
-    first = run_stage(cfg)
+    first = run_stage(plan_stage(cfg))
     saved = sorted(p for p in os.listdir(first.run_path) if p.startswith("checkpoint_"))
     # same name + storage: Ray Train V2 resumes from the last checkpoint (step 4 of 4): nothing is retrained
-    second = run_stage(cfg)
+    second = run_stage(plan_stage(cfg))
     assert first.run_path == second.run_path
     assert sorted(p for p in os.listdir(second.run_path) if p.startswith("checkpoint_")) == saved
     assert ckpt.read_meta(second.checkpoint).step == 4
     # a changed config is a different run
-    third = run_stage(micro_cfg("clip", optim={"lr": 5e-4}))
+    third = run_stage(plan_stage(micro_cfg("clip", optim={"lr": 5e-4})))
     assert third.run_path != first.run_path
+
+
+CRASH_AT_STEP = 3
+
+
+def worker_that_crashes_once(config: dict) -> None:
+    """The production worker with a fault injected after step CRASH_AT_STEP; a marker file in the run's storage
+    makes it fire once, so the replacement worker (FailureConfig) runs through."""
+    from ccr_ray.train.plan import WorkerSpec
+    from ccr_ray.train.worker import run_worker
+
+    spec = WorkerSpec.from_dict(config)
+    marker = os.path.join(spec.storage_path, f".{spec.run_name}.crashed")
+
+    def crash_once(state, metrics):
+        if state.step == CRASH_AT_STEP and not os.path.exists(marker):
+            open(marker, "w").close()
+            raise RuntimeError(f"injected crash at step {CRASH_AT_STEP}")
+
+    run_worker(spec, on_step=crash_once)
 
 
 def test_a_worker_that_crashes_once_resumes_from_its_checkpoint(ray_local, micro_data, tmp_path):
     from ccr_ray.train.driver import run_stage
-    from ccr_ray.train.worker import CRASH_ENV
+    from ccr_ray.train.plan import plan_stage
 
     cfg = resolve_config("clip", micro_config(micro_data, str(tmp_path), train={"max_steps": 6, "eval_every": 2,
                                                                                "eval_before_training": True}))
-    result = run_stage(cfg, env={CRASH_ENV: "3"})
+    result = run_stage(plan_stage(cfg), train_fn=worker_that_crashes_once)
     meta = ckpt.read_meta(result.checkpoint)
     assert meta.step == 6
     resumed = [r for r in result.history if r.get("event") == "resumed"]

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ccr_ray.train import checkpoint as ckpt
-from ccr_ray.train.loop import TrainState
+from ccr_ray.train import loop
+from ccr_ray.train.state import TrainState
 
 
 def batch_for(state, n=8):
@@ -19,6 +20,12 @@ def batch_for(state, n=8):
     en[:, :4] = torch.tensor([49406, 1929, 1237, 49407])
     return {"text_ids": torch.from_numpy(ids), "text_mask": torch.from_numpy(mask), "text_en_ids": en,
             "pixels": torch.randn(n, 3, 32, 32)}
+
+
+def stream_batch_for(state, n=8):
+    """batch_for in the training stream's layout: one column set per language (the loop picks the step's)."""
+    b = batch_for(state, n)
+    return {f"{k}_{lang}": v for lang in state.train_languages for k, v in b.items() if k != "pixels"}
 
 
 def test_save_load_reproduces_outputs(micro_cfg, micro_data, tmp_path):
@@ -52,17 +59,14 @@ def test_resume_continues_like_an_uninterrupted_run(micro_cfg, micro_data, tmp_p
     cfg = micro_cfg("nlt")
     tok = os.path.join(micro_data, "tokenizer")
     a = TrainState.create(cfg, tok, None, "cpu")
-    batches = [batch_for(a) for _ in range(4)]
-    for b in batches[:2]:
-        a.train_step(b, "de")
+    batches = [stream_batch_for(a) for _ in range(4)]
+    loop.run(a, iter(batches[:2]), steps=2)
     a.save(tmp_path / "mid")
-    for b in batches[2:]:
-        a.train_step(b, "zh")
+    loop.run(a, iter(batches[2:]))
     b_state = TrainState.create(cfg, tok, None, "cpu")
     b_state.restore(tmp_path / "mid")
     assert b_state.step == 2
-    for b in batches[2:]:
-        b_state.train_step(b, "zh")
+    loop.run(b_state, iter(batches[2:]))
     for (n, x), (_, y) in zip(a.model.state_dict().items(), b_state.model.state_dict().items()):
         assert torch.allclose(x, y, atol=1e-6), n
 

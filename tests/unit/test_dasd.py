@@ -18,7 +18,7 @@ from ccr_ray.models.dasd import (
     generator_loss,
 )
 from ccr_ray.train.adversarial import Adversary
-from ccr_ray.train.loop import TrainState
+from ccr_ray.train.state import TrainState
 from tests.conftest import MICRO_PRESET
 from tests.unit.test_models import target_ids
 

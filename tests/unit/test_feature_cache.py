@@ -16,9 +16,12 @@ import torch
 from ccr_ray.config import resolve_config
 from ccr_ray.data import feature_cache as fc
 from ccr_ray.data import schema
+from ccr_ray.data.local import local_batches
 from ccr_ray.data.preprocess import PreprocessSpec, TrainPreprocessor, select_language
-from ccr_ray.stages import STAGES, Stage
-from ccr_ray.train.loop import TrainState, language_for_step, trim_padding
+from ccr_ray.stages import STAGES, Languages, Stage
+from ccr_ray.train import loop
+from ccr_ray.train.loop import language_for_step
+from ccr_ray.train.state import TrainState, trim_padding
 from tests.conftest import micro_config
 
 STEPS = 4
@@ -46,7 +49,7 @@ def config(micro_data, root, **sections):
 
 
 def plan_for(stage, micro_data, home, **sections):
-    from ccr_ray.train.driver import plan_stage
+    from ccr_ray.train.plan import plan_stage
 
     return plan_stage(resolve_config(stage, config(micro_data, home, **sections)))
 
@@ -63,7 +66,8 @@ def test_cacheable_inputs_follow_the_stage_table():
     assert got == {"clip": (), "finetune-en": (), "nlt": ("text_en",), "cla": ("text_en",), "le": ("image",),
                    "finetune-all": ("image",), "cma": ("image", "text_en")}
     partly = Stage(name="x", summary="", trains=("image_tower", "adapters"), losses={}, dataset="pretrain",
-                   inputs=("image", "text_en", "text_target"), languages="targets", eval_languages="targets")
+                   inputs=("image", "text_en", "text_target"), languages=Languages.TARGETS,
+                   validation=Languages.TARGETS)
     assert fc.cacheable_inputs(partly) == ("text_en",)  # a trained tower is never cached
 
 
@@ -89,21 +93,10 @@ def test_model_refuses_cached_features_for_a_trained_tower(micro_data, home):
 # ----------------------------------------------------------------------------------------------- contents
 
 
-def samples(files, spec, batch_size=64):
-    """Preprocessed samples of the given shards in order (what the stream yields with order preserved)."""
-    pre = TrainPreprocessor(spec)
-    for f in files:
-        for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=spec.columns):
-            yield pre({c: rb.column(c).to_numpy(zero_copy_only=False) for c in rb.schema.names})
-
-
 def batches(files, spec, n):
-    pending, out = None, []
-    for part in samples(files, spec):
-        pending = part if pending is None else {k: np.concatenate([pending[k], part[k]]) for k in part}
-        while len(next(iter(pending.values()))) >= BATCH and len(out) < n:
-            out.append({k: torch.from_numpy(v[:BATCH]) for k, v in pending.items()})
-            pending = {k: v[BATCH:] for k, v in pending.items()}
+    """The first n batches of the given shards in order (what the stream yields with order preserved)."""
+    source = local_batches(files, spec, BATCH, repeat=False)
+    out = [batch for _, batch in zip(range(n), source)]
     assert len(out) == n
     return out
 
@@ -155,13 +148,17 @@ def test_same_loss_trajectory_with_and_without_the_cache(micro_data, home, stage
         state = TrainState.create(plan.cfg, plan.tokenizer_dir, plan.parent, "cpu")
         start = trained_params(state)
         losses = []
-        for step, batch in enumerate(batches(files, spec, STEPS)):
-            lang = language_for_step(plan.cfg.train.seed, step, plan.train_languages)
-            picked = select_language(batch, lang, english_only=False)
-            assert ("image_features" in picked) == (name == "cache" and "image" in info.features)
-            assert ("text_en_features" in picked) == (name == "cache" and "text_en" in info.features)
-            assert ("pixels" in picked) == ("image" in plan.stage.inputs and name == "images")
-            losses.append(state.train_step(picked, lang)["loss"])
+
+        def checked(source, state=state, name=name):
+            for batch in source:  # the loop pulls the batch of step state.step
+                lang = language_for_step(plan.cfg.train.seed, state.step, plan.train_languages)
+                picked = select_language(batch, lang, english_only=False)
+                assert ("image_features" in picked) == (name == "cache" and "image" in info.features)
+                assert ("text_en_features" in picked) == (name == "cache" and "text_en" in info.features)
+                assert ("pixels" in picked) == ("image" in plan.stage.inputs and name == "images")
+                yield batch
+
+        loop.run(state, checked(iter(batches(files, spec, STEPS))), on_step=lambda s, m, losses=losses: losses.append(m["loss"]))
         runs[name] = (np.array(losses), start, trained_params(state))
     (a, start, pa_), (b, start_b, pb) = runs["images"], runs["cache"]
     assert torch.equal(start, start_b)

@@ -4,7 +4,7 @@ import pytest
 
 from ccr_ray.losses import LOSSES
 from ccr_ray.stages import STAGES
-from ccr_ray.train.driver import StageError, plan_stage
+from ccr_ray.train.plan import StageError, plan_stage
 from tests.conftest import MICRO_PRESET
 from tests.unit.test_models import micro_model
 
@@ -21,7 +21,7 @@ def test_stage_entry_is_consistent(name):
     assert stage.parent is None or stage.parent in STAGES
     assert stage.dataset in ("pretrain", "downstream")
     assert stage.inherit in ("all", "backbone")
-    assert stage.languages in ("en", "targets") and stage.eval_languages in ("en", "targets", "all")
+    assert stage.languages in ("en", "targets") and stage.validation in ("en", "targets", "all")
 
 
 def test_stage_chain_has_no_cycles():
@@ -48,7 +48,7 @@ def test_nlt_without_clip_offers_a_pretrained_file(micro_cfg):
 def test_missing_dataset_and_language_are_named(micro_cfg, micro_data, tmp_path):
     import os
 
-    from ccr_ray.train.loop import TrainState
+    from ccr_ray.train.state import TrainState
 
     with pytest.raises(StageError, match="data.pretrain"):
         plan_stage(micro_cfg("clip", data={"pretrain": str(tmp_path / "nowhere")}))

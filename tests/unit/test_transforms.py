@@ -45,7 +45,7 @@ def test_batch_is_float32():
 def test_stream_ships_uint8_and_the_step_normalises_like_open_clip():
     """The training stream carries uint8 pixels; `normalize_pixels` (what train_step runs on the device) must
     give open_clip's float preprocessing, as the numpy path does."""
-    from ccr_ray.train.loop import normalize_pixels
+    from ccr_ray.train.state import normalize_pixels
 
     rng = np.random.default_rng(3)
     image = Image.fromarray(rng.integers(0, 256, size=(90, 120, 3), dtype=np.uint8))

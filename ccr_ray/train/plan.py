@@ -1,0 +1,215 @@
+"""Planning a stage, without Ray: every check that can fail before any cluster work, and what the workers get.
+
+    plan_stage(cfg) -> StagePlan     dataset, splits, languages, tokenizer, parent checkpoint, pretrained file,
+                                     feature cache: each failure names the field or path (StageError)
+    WorkerSpec.from_plan(plan, ...)  what the driver hands every Ray Train worker (a dict across Ray)
+
+Run names are deterministic (stage + a hash of the training-relevant config): re-running the same command
+resumes the same run (Ray Train V2 resumes from the last checkpoint of a run with the same name and storage).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ccr_ray.config import ExperimentConfig
+from ccr_ray.data import schema
+from ccr_ray.data.feature_cache import CacheError, FeatureCachePlan, plan_feature_cache
+from ccr_ray.models import backbone
+from ccr_ray.stages import STAGES, Stage
+from ccr_ray.train import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+CHECKPOINT_DIR = "checkpoint"  # {stage_dir}/checkpoint: the stage's output, what child stages start from
+INIT_FROM_PRETRAINED = "pretrained"  # run.init_from value: start from model.backbone.pretrained, not a parent
+
+
+class StageError(RuntimeError):
+    """A stage cannot start: missing parent checkpoint, dataset, split, language or file. Raised before any
+    cluster work; the message says what is missing and what to run."""
+
+
+@dataclass
+class StagePlan:
+    cfg: ExperimentConfig
+    stage: Stage
+    dataset_root: str
+    tokenizer_dir: str
+    parent: str | None
+    clip_cfg: dict
+    preprocess: dict
+    context_length: int
+    train_languages: list[str]
+    eval_languages: list[str]
+    run_name: str
+    storage_path: str
+    output_dir: Path
+    config_source: str | None = None  # what --config was (for "run this first" messages)
+    feature_cache: FeatureCachePlan | None = None  # None: data.feature_cache is off
+
+    def summary(self) -> str:
+        cfg = self.cfg
+        return "\n".join([
+            f"stage        {self.stage.name}: {self.stage.summary}",
+            f"trains       {', '.join(self.stage.trains)}",
+            f"losses       {', '.join(f'{k} x {v:g}' for k, v in cfg.loss.weights.items())}",
+            f"data         {self.dataset_root} ({cfg.data.train_split}/{cfg.data.val_split}), "
+            f"inputs {', '.join(self.stage.inputs)}",
+            f"languages    train {','.join(self.train_languages)} | eval {','.join(self.eval_languages)}",
+            f"starts from  {self.parent or (cfg.model.backbone.pretrained or 'random init (' + cfg.model.backbone.name + ')')}",
+            f"optimizer    {cfg.optim.name} lr {cfg.optim.lr:g}, {cfg.optim.schedule} (warmup {cfg.optim.warmup}), "
+            f"{cfg.train.max_steps} steps x batch {cfg.train.batch_size}",
+            f"workers      {cfg.scaling.num_workers} x {cfg.scaling.cpus_per_worker} CPU"
+            f"{' + 1 GPU' if cfg.scaling.use_gpu else ''}",
+            f"run          {self.storage_path}/{self.run_name}",
+            f"output       {self.output_dir / CHECKPOINT_DIR}",
+        ] + ([f"features     frozen-feature cache: {self.feature_cache.describe()}"] if self.feature_cache else []))
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a Ray Train worker needs, decided by the driver's plan (the worker re-derives nothing).
+    Crosses into Ray as a plain dict (`to_dict`) and is rebuilt and validated on the worker (`from_dict`)."""
+
+    cfg: ExperimentConfig
+    tokenizer_dir: str  # the non-English tokenizer (matches the token table)
+    dataset_root: str  # the stage's dataset (validation rows are read from it)
+    eval_languages: tuple[str, ...]
+    parent: str | None = None  # checkpoint the stage starts from
+    feature_cache: str | None = None  # folder of the frozen-feature cache the stream reads, if any
+    run_name: str = ""  # the Ray Train run (storage_path/run_name)
+    storage_path: str = ""
+
+    @classmethod
+    def from_plan(cls, plan: StagePlan, feature_cache: str | None = None, run_name: str | None = None,
+                  storage_path: str | None = None) -> WorkerSpec:
+        return cls(cfg=plan.cfg, tokenizer_dir=plan.tokenizer_dir, dataset_root=plan.dataset_root,
+                   eval_languages=tuple(plan.eval_languages), parent=plan.parent, feature_cache=feature_cache,
+                   run_name=run_name or plan.run_name, storage_path=storage_path or plan.storage_path)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["cfg"] = self.cfg.to_dict()
+        out["eval_languages"] = list(self.eval_languages)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WorkerSpec:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"worker spec: unknown fields {sorted(unknown)}")
+        values = dict(data)
+        values["cfg"] = ExperimentConfig.from_dict(values["cfg"])
+        values["eval_languages"] = tuple(values.get("eval_languages", ()))
+        return cls(**values)
+
+
+def run_name(cfg: ExperimentConfig, parent: str | None) -> str:
+    """Deterministic: no timestamps or random values (resume depends on it)."""
+    d = cfg.to_dict()
+    relevant = {k: d[k] for k in ("stage", "model", "data", "loss", "optim", "train")}
+    relevant["parent"] = parent
+    digest = hashlib.sha1(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{cfg.stage}-{digest}"
+
+
+def _parent_checkpoint(cfg: ExperimentConfig, stage: Stage, config_source: str | None) -> str | None:
+    if cfg.run.init_from == INIT_FROM_PRETRAINED:
+        if not cfg.model.backbone.pretrained:
+            raise StageError("run.init_from=pretrained: set model.backbone.pretrained to a local CLIP weights file")
+        return None
+    if cfg.run.init_from:
+        path = Path(cfg.path(cfg.run.init_from))
+        if not (path / ckpt.MODEL_FILE).exists():
+            raise StageError(f"run.init_from: {path} is not a ccr-ray checkpoint folder (no {ckpt.MODEL_FILE})")
+        return str(path)
+    if stage.parent is None:
+        return None
+    path = cfg.stage_dir(stage.parent) / CHECKPOINT_DIR
+    if (path / ckpt.MODEL_FILE).exists():
+        return str(path)
+    if stage.parent_optional and cfg.model.backbone.pretrained:
+        return None
+    parent = STAGES[stage.parent]
+    hint = (" (or set model.backbone.pretrained to a local CLIP weights file, e.g. "
+            "--set model.backbone.pretrained=/path/to/ViT-B-32.pt)" if stage.parent_optional else "")
+    raise StageError(
+        f"stage {stage.name!r} starts from the {parent.name!r} checkpoint, and there is none at {path}.\n"
+        f"Run first: {parent.command(config_source)}{hint}")
+
+
+def plan_stage(cfg: ExperimentConfig, config_source: str | None = None) -> StagePlan:
+    """Every check that can fail without a cluster, with messages naming the field or path."""
+    stage = STAGES[cfg.stage]
+    parent = _parent_checkpoint(cfg, stage, config_source)
+    dataset_root = cfg.path(getattr(cfg.data, stage.dataset))
+    try:
+        manifest = schema.load_manifest(dataset_root)
+    except schema.DatasetError as err:
+        hint = " (make the embedded default with: python jobs/make_demo_data.py)" if "demo" in dataset_root else ""
+        raise StageError(f"data.{stage.dataset}: {err}{hint}") from None
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        if split not in manifest.splits:
+            raise StageError(f"data.{stage.dataset}: {dataset_root} has no split {split!r} "
+                             f"(splits: {', '.join(manifest.splits)})")
+    train_languages = stage.train_languages(cfg.model.languages)
+    eval_languages = stage.eval_languages(cfg.model.languages)
+    needed = set(train_languages) | ({"en"} if "text_en" in stage.inputs else set())
+    train_caps = manifest.splits[cfg.data.train_split].captions
+    missing = sorted(lang for lang in needed if not train_caps.get(lang))
+    if missing:
+        raise StageError(f"model.languages: {dataset_root} split {cfg.data.train_split!r} has no captions in "
+                         f"{', '.join(missing)} (it has {', '.join(k for k, v in train_caps.items() if v)})")
+    val_caps = manifest.splits[cfg.data.val_split].captions
+    if not any(val_caps.get(lang) for lang in eval_languages):
+        raise StageError(f"data.val_split: {dataset_root} split {cfg.data.val_split!r} has no captions in any of "
+                         f"{', '.join(eval_languages)}")
+    tokenizer_dir = _tokenizer_dir(cfg, stage, parent, dataset_root, manifest)
+    if parent:
+        meta = ckpt.read_meta(parent)
+        clip_cfg, preprocess = meta.clip_cfg, meta.preprocess
+    else:
+        if cfg.model.backbone.pretrained and not Path(cfg.path(cfg.model.backbone.pretrained)).is_file():
+            raise StageError(f"model.backbone.pretrained: no such file {cfg.path(cfg.model.backbone.pretrained)}")
+        try:
+            clip_cfg = backbone.backbone_model_config(cfg.model.backbone.name)
+        except (ValueError, FileNotFoundError) as err:
+            raise StageError(str(err)) from None
+        preprocess = backbone.preprocess_from_model_config(clip_cfg)
+    if cfg.model.text.embeddings_init and not Path(cfg.path(cfg.model.text.embeddings_init)).is_dir():
+        raise StageError(f"model.text.embeddings_init: no such folder {cfg.path(cfg.model.text.embeddings_init)}")
+    context = cfg.model.text.context_length or int(clip_cfg["text_cfg"].get("context_length", 77))
+    try:
+        feature_cache = plan_feature_cache(cfg, stage, parent, dataset_root, clip_cfg, preprocess, context)
+    except (CacheError, OSError) as err:
+        raise StageError(f"data.feature_cache: {err}") from None
+    if feature_cache is not None and not feature_cache.applicable:
+        log.info("data.feature_cache: %s", feature_cache.note)
+    return StagePlan(cfg=cfg, stage=stage, dataset_root=dataset_root, tokenizer_dir=tokenizer_dir, parent=parent,
+                     clip_cfg=clip_cfg, preprocess=preprocess, context_length=context,
+                     train_languages=train_languages, eval_languages=eval_languages, run_name=run_name(cfg, parent),
+                     storage_path=str(cfg.home / "runs" / cfg.run.experiment / "ray"),
+                     output_dir=cfg.stage_dir(), config_source=config_source, feature_cache=feature_cache)
+
+
+def _tokenizer_dir(cfg: ExperimentConfig, stage: Stage, parent: str | None, root: str, manifest) -> str:
+    """The tokenizer must match the token table E: inherit the parent's copy when E is inherited."""
+    if parent and stage.inherit == "all" and ckpt.tokenizer_of(parent):
+        return ckpt.tokenizer_of(parent)
+    if cfg.model.text.tokenizer == "auto":
+        if not manifest.tokenizer:
+            raise StageError(f"model.text.tokenizer: 'auto' needs a tokenizer shipped with the dataset, and "
+                             f"{root} has none; set it to a Hugging Face tokenizer folder (M-BERT)")
+        folder = Path(root) / manifest.tokenizer
+    else:
+        folder = Path(cfg.path(cfg.model.text.tokenizer))
+    if not folder.is_dir() or not any((folder / f).exists() for f in ("tokenizer.json", "vocab.txt")):
+        raise StageError(f"model.text.tokenizer: {folder} is not a tokenizer folder (no tokenizer.json / vocab.txt)")
+    return str(folder)
