@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(var, value)
     sys.path.insert(0, str(REPO))
 
-    from ccr_ray.config import resolve_config
     from ccr_ray.data.synthetic import DemoDataConfig, write_demo_dataset
+    from ccr_ray.stages import resolve_config
     from ccr_ray.train.plan import plan_stage
     from ccr_ray.train.state import TrainState
 
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from ccr_ray.data.cache_builder import ensure_feature_cache
+    from ccr_ray.features.build import ensure_feature_cache
 
     ray.init(address="local", num_cpus=os.cpu_count(), log_to_driver=False)
     stages = args.stages.split(",")

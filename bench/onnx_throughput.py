@@ -66,11 +66,11 @@ def real_size_checkpoint(work: Path) -> str:
     """ViT-B-32 + 119,547 x 768 table + MLA (hidden 256) for five languages, random weights, as a checkpoint."""
     import torch
 
-    from ccr_ray.config import resolve_config
+    from ccr_ray import checkpoint as ckpt
     from ccr_ray.models import backbone
     from ccr_ray.models.ccr import build_model
+    from ccr_ray.stages import resolve_config
     from ccr_ray.tokenization import target_tokenizer
-    from ccr_ray.train import checkpoint as ckpt
 
     torch.manual_seed(0)
     tokenizer = mbert_sized_tokenizer(work / "tokenizer")
@@ -109,8 +109,8 @@ def median_times(calls: dict, repeats: int) -> dict[str, float]:
 def throughput(checkpoint: str, folder: Path, batches: list[int], repeats: int, threads: int) -> dict:
     import torch
 
+    from ccr_ray.checkpoint import load_checkpoint
     from ccr_ray.runtime import Encoder
-    from ccr_ray.train.checkpoint import load_checkpoint
 
     torch.set_num_threads(threads)
     model, _ = load_checkpoint(checkpoint)
@@ -185,8 +185,8 @@ def recall_drop(checkpoint: Path, data: Path, work: Path, threads: int) -> dict:
 
     from ccr_ray.data import schema
     from ccr_ray.eval.metrics import RECALL_KEYS
-    from ccr_ray.export.embeddings import SIDECAR, embed_table
-    from ccr_ray.export.evaluate import evaluate_embeddings
+    from ccr_ray.inference.embeddings import SIDECAR, embed_table
+    from ccr_ray.inference.evaluate import evaluate_embeddings
     from ccr_ray.runtime import Encoder
 
     copy = Path(shutil.copytree(checkpoint, work / "recall_checkpoint"))  # the demo may be retrained meanwhile

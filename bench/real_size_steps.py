@@ -52,8 +52,7 @@ def build_state(stage: str, args):
     """TrainState of `stage` at real size and a batch of real captions."""
     import torch
 
-    from ccr_ray.config import resolve_config
-    from ccr_ray.stages import STAGES
+    from ccr_ray.stages import STAGES, resolve_config
     from ccr_ray.tokenization import english_tokenizer, target_tokenizer
     from ccr_ray.train.state import TrainState
 

@@ -71,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from ccr_ray.config import resolve_config
     from ccr_ray.data.synthetic import DemoDataConfig, write_demo_dataset
-    from ccr_ray.train.driver import ensure_ray
+    from ccr_ray.ray_utils import ensure_ray
+    from ccr_ray.stages import resolve_config
     from ccr_ray.train.plan import plan_stage
     from ccr_ray.train.state import TrainState
 

@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
@@ -62,7 +62,8 @@ class DASDConfig:
     discriminator_hidden: list[int] = field(default_factory=lambda: [256, 128])
     discriminator_lr: float = 1e-4  # the discriminator's own Adam
     # Switches that restore the public code's behaviour (spec section 7); the defaults are the fixes.
-    sr_init: str = "normal"  # "normal" = N(0, width^-1/2) like text_projection; "copy_text_projection"; "zeros"
+    # "normal" = N(0, width^-1/2) like text_projection; "copy_text_projection"; "zeros"
+    sr_init: Literal["normal", "copy_text_projection", "zeros"] = "normal"
     train_sd_norms: bool = True  # train LN_r / LN_a (public code: left at their initial values)
     mean_pool_padding: bool = False  # public code mean-pools s_a over padding too
     discriminator_in_main_optimizer: bool = False  # public code also steps D with the main optimizer
@@ -72,7 +73,7 @@ class DASDConfig:
 class ModelConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    adapter: str = "mla"  # "mla" (language acquirers) or "dasd" (dynamic adapters + semantic disentangling)
+    adapter: Literal["mla", "dasd"] = "mla"  # language acquirers, or dynamic adapters + semantic disentangling
     mla: MLAConfig = field(default_factory=MLAConfig)
     dasd: DASDConfig = field(default_factory=DASDConfig)
     languages: list[str] = field(default_factory=lambda: ["de", "fr", "cs", "zh", "ja"])  # target languages
@@ -112,10 +113,10 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "bertadam"  # "bertadam" (the seeds': no bias correction, per-tensor clipping) or "adamw"
+    name: Literal["bertadam", "adamw"] = "bertadam"  # the seeds' BertAdam (no bias correction, per-tensor clip)
     lr: float = 1e-4
     warmup: float = 0.1  # fraction of total steps with linear warm-up
-    schedule: str = "warmup_cosine"  # "warmup_cosine" (the seeds'), "warmup_linear" or "constant"
+    schedule: Literal["warmup_cosine", "warmup_linear", "constant"] = "warmup_cosine"  # the seeds': warmup_cosine
     weight_decay: float = 0.2
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
@@ -130,8 +131,8 @@ class TrainConfig:
     eval_every: int = 200  # validate and checkpoint every N steps (and always at the last step); 0 = only at the end
     log_every: int = 20
     seed: int = 42
-    precision: str = "auto"  # "auto" = bf16 autocast on GPU, fp32 on CPU; "fp32"; "bf16"
-    select: str = "best"  # which checkpoint the stage hands on: "best" (by mean val mR) or "final"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # "auto" = bf16 autocast on GPU, fp32 on CPU
+    select: Literal["best", "final"] = "best"  # which checkpoint the stage hands on: best mean val mR, or last
     eval_before_training: bool = False  # score the starting weights on val first (logged only), as the seeds do
 
 
@@ -152,7 +153,7 @@ class RunConfig:
     init_from: str = ""
     max_failures: int = 1  # worker crashes survived by restarting from the last checkpoint
     checkpoints_to_keep: int = 2
-    verbose: bool = True
+    verbose: bool = False  # per-step log lines, the stage plans and Ray's own logs on the console (jobs: --verbose)
 
 
 @dataclass
@@ -195,69 +196,56 @@ class ExperimentConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        from ccr_ray.stages import STAGES  # the table imports this module
-
-        if self.stage not in STAGES:
-            raise ConfigError(f"stage: unknown stage {self.stage!r}; known: {', '.join(STAGES)}")
-        stage = STAGES[self.stage]
-        m = self.model
-        _check(m.adapter in ("mla", "dasd"), "model.adapter", f"must be 'mla' or 'dasd', got {m.adapter!r}")
-        if stage.adapter is not None:
-            _check(m.adapter == stage.adapter, "model.adapter",
-                   f"stage {stage.name!r} trains {stage.adapter!r} adapters, but the config says {m.adapter!r}")
-        _check(len(m.languages) > 0, "model.languages", "needs at least one target language")
-        for lang in m.languages:
+        """Ranges and cross-field rules (types and choices are checked while the dict is coerced, `_coerce`).
+        What depends on the stage (its adapter kind, its losses) is `stages.check_stage_config`."""
+        for name, ok, message in _RULES:
+            _check(ok(self), name, message)
+        for lang in self.model.languages:
             _check(lang in KNOWN_LANGUAGES and lang != "en", "model.languages",
                    f"{lang!r} is not a known target language (known: {', '.join(KNOWN_LANGUAGES[1:])})")
-        _check(len(set(m.languages)) == len(m.languages), "model.languages", "has duplicates")
-        _check(m.mla.hidden > 0, "model.mla.hidden", "must be > 0")
-        _check(m.dasd.core > 0, "model.dasd.core", "must be > 0")
-        _check(m.dasd.sd_blocks >= 1, "model.dasd.sd_blocks", "must be >= 1")
-        _check(m.dasd.sr_init in ("normal", "copy_text_projection", "zeros"), "model.dasd.sr_init",
-               "must be normal, copy_text_projection or zeros")
-        _check(m.dasd.latent_dim > 0 and all(h > 0 for h in m.dasd.discriminator_hidden), "model.dasd",
-               "latent_dim and discriminator_hidden sizes must be > 0")
-        _check(m.dasd.discriminator_lr > 0, "model.dasd.discriminator_lr", "must be > 0")
-        _check(m.text.embed_dim > 0, "model.text.embed_dim", "must be > 0")
-        _check(m.text.context_length >= 0, "model.text.context_length", "must be >= 0")
-        o = self.optim
-        _check(o.name in ("bertadam", "adamw"), "optim.name", f"must be 'bertadam' or 'adamw', got {o.name!r}")
-        _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
-        _check(0 <= o.warmup < 1, "optim.warmup", "must be in [0, 1)")
-        _check(o.schedule in ("warmup_cosine", "warmup_linear", "constant"), "optim.schedule",
-               "must be warmup_cosine, warmup_linear or constant")
-        _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-        _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two values in [0, 1)")
-        _check(o.eps > 0, "optim.eps", "must be > 0")
-        t = self.train
-        _check(t.batch_size > 0, "train.batch_size", "must be > 0")
-        _check(t.max_steps > 0, "train.max_steps", "must be > 0")
-        _check(t.eval_every >= 0, "train.eval_every", "must be >= 0")
-        _check(t.log_every > 0, "train.log_every", "must be > 0")
-        _check(t.precision in ("auto", "fp32", "bf16"), "train.precision", "must be auto, fp32 or bf16")
-        _check(t.select in ("best", "final"), "train.select", "must be best or final")
-        s = self.scaling
-        _check(s.num_workers >= 1, "scaling.num_workers", "must be >= 1")
-        _check(t.batch_size % s.num_workers == 0, "train.batch_size",
-               f"{t.batch_size} is not divisible by scaling.num_workers={s.num_workers}")
-        _check(s.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
-        _check(s.torch_threads >= 0, "scaling.torch_threads", "must be >= 0")
-        _check(self.data.max_cpus > 0, "data.max_cpus", "must be > 0")
-        _check(0 < self.data.task_cpus <= self.data.max_cpus, "data.task_cpus", "must be in (0, data.max_cpus]")
-        _check(self.data.val_max_images >= 0, "data.val_max_images", "must be >= 0")
-        _check(bool(self.data.feature_cache_dir), "data.feature_cache_dir", "must be a folder path")
-        _check(self.data.cache_actors >= 1, "data.cache_actors", "must be >= 1")
-        _check(self.data.cache_actor_cpus > 0, "data.cache_actor_cpus", "must be > 0")
-        _check(self.data.cache_batch_size > 0, "data.cache_batch_size", "must be > 0")
-        _check(self.loss.scale > 0, "loss.scale", "must be > 0")
-        unknown = set(self.loss.weights) - set(stage.losses)
-        _check(not unknown, "loss.weights",
-               f"{sorted(unknown)} are not losses of stage {stage.name!r} (its losses: {', '.join(stage.losses)})")
         for name, w in self.loss.weights.items():
             _check(w >= 0, f"loss.weights.{name}", "must be >= 0")
-        _check(self.run.experiment and "/" not in self.run.experiment, "run.experiment", "must be a plain name")
-        _check(self.run.max_failures >= 0, "run.max_failures", "must be >= 0")
-        _check(self.run.checkpoints_to_keep >= 1, "run.checkpoints_to_keep", "must be >= 1")
+
+
+# (field, rule, message): the value ranges of the schema, checked by `validate`
+_RULES: list[tuple[str, Any, str]] = [
+    ("model.languages", lambda c: len(c.model.languages) > 0, "needs at least one target language"),
+    ("model.languages", lambda c: len(set(c.model.languages)) == len(c.model.languages), "has duplicates"),
+    ("model.mla.hidden", lambda c: c.model.mla.hidden > 0, "must be > 0"),
+    ("model.dasd.core", lambda c: c.model.dasd.core > 0, "must be > 0"),
+    ("model.dasd.sd_blocks", lambda c: c.model.dasd.sd_blocks >= 1, "must be >= 1"),
+    ("model.dasd", lambda c: c.model.dasd.latent_dim > 0 and all(h > 0 for h in c.model.dasd.discriminator_hidden),
+     "latent_dim and discriminator_hidden sizes must be > 0"),
+    ("model.dasd.discriminator_lr", lambda c: c.model.dasd.discriminator_lr > 0, "must be > 0"),
+    ("model.text.embed_dim", lambda c: c.model.text.embed_dim > 0, "must be > 0"),
+    ("model.text.context_length", lambda c: c.model.text.context_length >= 0, "must be >= 0"),
+    ("optim.lr", lambda c: c.optim.lr > 0, "must be > 0"),
+    ("optim.warmup", lambda c: 0 <= c.optim.warmup < 1, "must be in [0, 1)"),
+    ("optim.weight_decay", lambda c: c.optim.weight_decay >= 0, "must be >= 0"),
+    ("optim.betas", lambda c: len(c.optim.betas) == 2 and all(0 <= b < 1 for b in c.optim.betas),
+     "must be two values in [0, 1)"),
+    ("optim.eps", lambda c: c.optim.eps > 0, "must be > 0"),
+    ("train.batch_size", lambda c: c.train.batch_size > 0, "must be > 0"),
+    ("train.max_steps", lambda c: c.train.max_steps > 0, "must be > 0"),
+    ("train.eval_every", lambda c: c.train.eval_every >= 0, "must be >= 0"),
+    ("train.log_every", lambda c: c.train.log_every > 0, "must be > 0"),
+    ("scaling.num_workers", lambda c: c.scaling.num_workers >= 1, "must be >= 1"),
+    ("train.batch_size", lambda c: c.train.batch_size % max(c.scaling.num_workers, 1) == 0,
+     "must be divisible by scaling.num_workers"),
+    ("scaling.cpus_per_worker", lambda c: c.scaling.cpus_per_worker > 0, "must be > 0"),
+    ("scaling.torch_threads", lambda c: c.scaling.torch_threads >= 0, "must be >= 0"),
+    ("data.max_cpus", lambda c: c.data.max_cpus > 0, "must be > 0"),
+    ("data.task_cpus", lambda c: 0 < c.data.task_cpus <= c.data.max_cpus, "must be in (0, data.max_cpus]"),
+    ("data.val_max_images", lambda c: c.data.val_max_images >= 0, "must be >= 0"),
+    ("data.feature_cache_dir", lambda c: bool(c.data.feature_cache_dir), "must be a folder path"),
+    ("data.cache_actors", lambda c: c.data.cache_actors >= 1, "must be >= 1"),
+    ("data.cache_actor_cpus", lambda c: c.data.cache_actor_cpus > 0, "must be > 0"),
+    ("data.cache_batch_size", lambda c: c.data.cache_batch_size > 0, "must be > 0"),
+    ("loss.scale", lambda c: c.loss.scale > 0, "must be > 0"),
+    ("run.experiment", lambda c: bool(c.run.experiment) and "/" not in c.run.experiment, "must be a plain name"),
+    ("run.max_failures", lambda c: c.run.max_failures >= 0, "must be >= 0"),
+    ("run.checkpoints_to_keep", lambda c: c.run.checkpoints_to_keep >= 1, "must be >= 1"),
+]
 
 
 def _check(ok: bool, name: str, message: str) -> None:
@@ -296,6 +284,11 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, name)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{name}: must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
@@ -407,35 +400,3 @@ def load_config_file(path_or_name: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a JSON object at the top level")
     return data
-
-
-def resolve_config(
-    stage: str,
-    config: str | dict | None = "demo",
-    overrides: list[str] | dict | None = None,
-    trial: dict[str, Any] | None = None,
-) -> ExperimentConfig:
-    """Build the validated config of one stage in the documented precedence order."""
-    from ccr_ray.stages import STAGES
-
-    if stage not in STAGES:
-        raise ConfigError(f"--stage: unknown stage {stage!r}; known: {', '.join(STAGES)}")
-    merged = ExperimentConfig(stage=stage).to_dict()
-    merged = deep_merge(merged, STAGES[stage].config_defaults())
-    if config is not None:
-        file_cfg = load_config_file(config) if isinstance(config, str) else copy.deepcopy(config)
-        per_stage = file_cfg.pop("stages", {}) or {}
-        file_cfg.pop("description", None)
-        if not isinstance(per_stage, dict):
-            raise ConfigError("stages: expected a mapping of stage name -> overrides")
-        unknown = set(per_stage) - set(STAGES)
-        if unknown:
-            raise ConfigError(f"stages.{sorted(unknown)[0]}: unknown stage (known: {', '.join(STAGES)})")
-        merged = deep_merge(merged, file_cfg)
-        merged = deep_merge(merged, per_stage.get(stage, {}))
-    if overrides:
-        merged = deep_merge(merged, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
-    if trial:
-        merged = deep_merge(merged, dotted_to_nested(trial))
-    merged["stage"] = stage
-    return ExperimentConfig.from_dict(merged)

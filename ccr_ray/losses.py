@@ -17,7 +17,8 @@ with world_size=1 and never imports Ray.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -33,7 +34,7 @@ class LossContext:
     rank: int = 0
     world_size: int = 1
     scale: torch.Tensor | float = 100.0  # contrastive logit scale: fixed 100, or exp(learned logit_scale)
-    extras: dict = field(default_factory=dict)  # per-method state (e.g. DASD's discriminator)
+    adversary: Any = None  # DASD's discriminator (train/adversarial.py) for the adversarial generator terms
     _clip_loss: ClipLoss | None = None
 
     @property
@@ -69,8 +70,8 @@ def consistency_smoothl1(s_r: torch.Tensor, image: torch.Tensor) -> torch.Tensor
 
 
 def adversarial(gold: str) -> LossSpec:
-    """Generator term; the discriminator itself lives in ctx.extras["adversary"] (train/adversarial.py)."""
-    return LossSpec(("text_target", "s_a", gold), lambda o, c: c.extras["adversary"].generator_loss(o["s_a"], o[gold]),
+    """Generator term; the discriminator itself is ctx.adversary (train/adversarial.py)."""
+    return LossSpec(("text_target", "s_a", gold), lambda o, c: c.adversary.generator_loss(o["s_a"], o[gold]),
                     adversarial_gold=gold)
 
 

@@ -165,29 +165,13 @@ class Optimization:
     # ---------------------------------------------------------------- Ray-agnostic state (no pickle)
     def state_tensors(self, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]:
         """Optimizer state as {f"{prefix}{param_name}::{key}": tensor} plus JSON-able scalars."""
-        tensors: dict[str, torch.Tensor] = {}
-        scalars: dict = {"scheduler_step": self.scheduler.last_epoch if self.scheduler is not None else None,
-                         "params": {}}
-        for name, p in zip(self.names, self.params):
-            state = self.optimizer.state.get(p, {})
-            for key, value in state.items():
-                if torch.is_tensor(value) and value.dim() > 0:
-                    tensors[f"{prefix}{name}::{key}"] = value.detach().cpu().clone()
-                else:
-                    scalars["params"].setdefault(name, {})[key] = float(value) if torch.is_tensor(value) else value
-        return tensors, scalars
+        tensors, per_param = optimizer_state(self.optimizer, zip(self.names, self.params), prefix)
+        scheduler_step = self.scheduler.last_epoch if self.scheduler is not None else None
+        return tensors, {"scheduler_step": scheduler_step, "params": per_param}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], scalars: dict, prefix: str = "") -> None:
-        for name, p in zip(self.names, self.params):
-            state = {}
-            for key, value in scalars.get("params", {}).get(name, {}).items():
-                # torch optimizers keep `step` as a tensor, BertAdam as an int
-                state[key] = torch.tensor(value) if isinstance(self.optimizer, torch.optim.AdamW) else int(value)
-            for full, value in tensors.items():
-                if full.startswith(f"{prefix}{name}::"):
-                    state[full.split("::", 1)[1]] = value.to(p.device, dtype=p.dtype, copy=True)
-            if state:
-                self.optimizer.state[p] = state
+        load_optimizer_state(self.optimizer, zip(self.names, self.params), tensors, scalars.get("params", {}), prefix,
+                             tensor_step=isinstance(self.optimizer, torch.optim.AdamW))
         if self.scheduler is not None and scalars.get("scheduler_step") is not None:
             step = int(scalars["scheduler_step"])
             self.scheduler.last_epoch = step
@@ -195,3 +179,31 @@ class Optimization:
                                               self.scheduler.lr_lambdas):
                 group["lr"] = base_lr * factor(step)
             self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, named_params, prefix: str = "") -> tuple[dict, dict]:
+    """Any optimizer's per-parameter state, flattened for safetensors + JSON (no pickle): tensors keyed
+    f"{prefix}{name}::{key}", scalars (e.g. `step`) as {name: {key: float}}."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for name, p in named_params:
+        for key, value in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                tensors[f"{prefix}{name}::{key}"] = value.detach().cpu().clone()
+            else:
+                scalars.setdefault(name, {})[key] = float(value)
+    return tensors, scalars
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, named_params, tensors: dict[str, torch.Tensor],
+                         scalars: dict, prefix: str = "", tensor_step: bool = True) -> None:
+    """The inverse of `optimizer_state`. torch's optimizers keep `step` as a tensor, BertAdam as an int."""
+    for name, p in named_params:
+        state = {key: torch.tensor(value) if tensor_step else int(value)
+                 for key, value in scalars.get(name, {}).items()}
+        head = f"{prefix}{name}::"
+        for full, value in tensors.items():
+            if full.startswith(head):
+                state[full[len(head):]] = value.to(p.device, dtype=p.dtype, copy=True)
+        if state:
+            optimizer.state[p] = state

@@ -162,8 +162,12 @@ class Encoder:
                 options.inter_op_num_threads = 1
             if not self.spinning:
                 options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self._sessions[role] = ort.InferenceSession(str(self.folder / graph["files"][0]), options,
-                                                        providers=self.providers)
+            file = self.folder / graph["files"][0]
+            try:
+                self._sessions[role] = ort.InferenceSession(str(file), options, providers=self.providers)
+            except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types for a broken graph
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ModelFolderError(f"{file}: cannot load the {role} graph (truncated or corrupt? {first})") from None
         return self._sessions[role]
 
     # ------------------------------------------------------------------ text

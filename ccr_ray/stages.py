@@ -1,4 +1,5 @@
-"""The stage table: the only place in the library where a stage id appears.
+"""The stage table: the only place in the library where a stage id appears; and the stage-aware resolution of a
+config (`resolve_config`), which layers the table's values between the dataclass defaults and the user's.
 
 Each entry says what trains (parameter groups of `CCRModel.param_groups()`), which losses with which default
 weights (names in `losses.LOSSES`), which data (dataset and inputs per batch), which parent checkpoint it starts
@@ -17,15 +18,29 @@ machine-translated downstream captions (`data.pretrain` pointing at them).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
+
+from ccr_ray.config import (
+    ConfigError,
+    ExperimentConfig,
+    deep_merge,
+    dotted_to_nested,
+    load_config_file,
+    parse_overrides,
+)
 
 # Parameter groups (see CCRModel.param_groups): the vocabulary `trains` is written in.
+IMAGE_TOWER, TEXT_TOWER, LOGIT_SCALE = "image_tower", "text_tower", "logit_scale"
 MULTILINGUAL_PATH = ("token_embedding", "embedding_proj", "adapters")
-CLIP_TOWERS = ("image_tower", "text_tower")
+CLIP_TOWERS = (IMAGE_TOWER, TEXT_TOWER)
+# which parameter group computes which stage input: an input whose tower a stage does not train is frozen, so its
+# features can be computed once (the frozen-feature cache, ccr_ray/features)
+INPUT_TOWERS = {"image": IMAGE_TOWER, "text_en": TEXT_TOWER}
 
 
 class Languages(str, Enum):
@@ -49,7 +64,7 @@ class Stage:
     summary: str
     trains: tuple[str, ...]  # parameter groups given to the optimizer; everything else is frozen
     losses: Mapping[str, float]  # loss name -> default weight
-    dataset: str  # "pretrain" (CC300K-style) or "downstream" (Multi30K-style): a field of DataConfig
+    dataset: Literal["pretrain", "downstream"]  # a field of DataConfig: CC300K-style or Multi30K-style
     inputs: tuple[str, ...]  # what a training batch carries: "image", "text_en", "text_target"
     languages: Languages  # languages of the training batches
     validation: Languages  # languages of the validation score (mean mR)
@@ -69,17 +84,24 @@ class Stage:
         return self.validation.resolve(targets)
 
     def config_defaults(self) -> dict[str, Any]:
-        from ccr_ray.config import dotted_to_nested
-
         nested = dotted_to_nested(dict(self.defaults))
         nested.setdefault("loss", {})["weights"] = dict(self.losses)
         if self.adapter is not None:  # cla/cma build DASD adapters unless a config says otherwise (then it fails)
             nested.setdefault("model", {})["adapter"] = self.adapter
         return nested
 
+    def dataset_root(self, cfg: ExperimentConfig) -> str:
+        """The folder of the dataset this stage trains on (data.pretrain or data.downstream), expanded."""
+        return cfg.path(getattr(cfg.data, self.dataset))
+
     @property
     def needs_images(self) -> bool:
         return "image" in self.inputs
+
+    @property
+    def frozen_inputs(self) -> tuple[str, ...]:
+        """Inputs computed by towers this stage does not train: what a frozen-feature cache may replace."""
+        return tuple(name for name, tower in INPUT_TOWERS.items() if name in self.inputs and tower not in self.trains)
 
     def command(self, config: str | None = None) -> str:
         extra = f" --config {config}" if config and config != "demo" else ""
@@ -95,7 +117,7 @@ STAGES: Mapping[str, Stage] = _table(
         name="clip",
         summary="English image-text contrastive training of the backbone (stand-in for a downloaded CLIP; "
         "embedded default only)",
-        trains=(*CLIP_TOWERS, "logit_scale"),
+        trains=(*CLIP_TOWERS, LOGIT_SCALE),
         losses={"contrastive_en": 1.0},
         dataset="pretrain",
         inputs=("image", "text_en"),
@@ -224,3 +246,49 @@ RECIPES: Mapping[str, Recipe] = MappingProxyType({r.name: r for r in (
     Recipe("mla-zero-shot", "MLA zero-shot (nlt -> le)", ("clip", "nlt", "le")),
     Recipe("dasd-zero-shot", "DASD zero-shot (cla -> cma)", ("clip", "cla", "cma")),
 )})
+
+
+# --------------------------------------------------------------------------------------------- resolution
+
+
+def check_stage_config(cfg: ExperimentConfig) -> None:
+    """What the schema alone cannot check: the stage exists, builds its adapter kind, and weighs its own losses."""
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"stage: unknown stage {cfg.stage!r}; known: {', '.join(STAGES)}")
+    stage = STAGES[cfg.stage]
+    if stage.adapter is not None and cfg.model.adapter != stage.adapter:
+        raise ConfigError(f"model.adapter: stage {stage.name!r} trains {stage.adapter!r} adapters, but the config "
+                          f"says {cfg.model.adapter!r}")
+    unknown = set(cfg.loss.weights) - set(stage.losses)
+    if unknown:
+        raise ConfigError(f"loss.weights: {sorted(unknown)} are not losses of stage {stage.name!r} (its losses: "
+                          f"{', '.join(stage.losses)})")
+
+
+def resolve_config(stage: str, config: str | dict | None = "demo", overrides: list[str] | dict | None = None,
+                   trial: dict[str, Any] | None = None) -> ExperimentConfig:
+    """The validated config of one stage, in the documented precedence order: dataclass defaults < stage table <
+    config file (top level, then its `stages.<stage>` block) < `--set` overrides < Ray Tune trial values."""
+    if stage not in STAGES:
+        raise ConfigError(f"--stage: unknown stage {stage!r}; known: {', '.join(STAGES)}")
+    merged = ExperimentConfig(stage=stage).to_dict()
+    merged = deep_merge(merged, STAGES[stage].config_defaults())
+    if config is not None:
+        file_cfg = load_config_file(config) if isinstance(config, str) else copy.deepcopy(config)
+        per_stage = file_cfg.pop("stages", {}) or {}
+        file_cfg.pop("description", None)
+        if not isinstance(per_stage, dict):
+            raise ConfigError("stages: expected a mapping of stage name -> overrides")
+        unknown = set(per_stage) - set(STAGES)
+        if unknown:
+            raise ConfigError(f"stages.{sorted(unknown)[0]}: unknown stage (known: {', '.join(STAGES)})")
+        merged = deep_merge(merged, file_cfg)
+        merged = deep_merge(merged, per_stage.get(stage, {}))
+    if overrides:
+        merged = deep_merge(merged, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    if trial:
+        merged = deep_merge(merged, dotted_to_nested(trial))
+    merged["stage"] = stage
+    cfg = ExperimentConfig.from_dict(merged)
+    check_stage_config(cfg)
+    return cfg

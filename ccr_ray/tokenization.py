@@ -16,6 +16,7 @@ import html
 import importlib.util
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,19 @@ class EnglishTokenizer:
         return sum(len(e.overflowing) > 0 for e in self._tok.encode_batch([clean_english(t) for t in texts]))
 
 
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What the model needs to know about the non-English tokenizer."""
+
+    vocab_size: int
+    pad_id: int
+    cls_id: int
+    sep_id: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 class TargetTokenizer:
     """A Hugging Face tokenizer folder (M-BERT's, or the one trained for the demo), run through the Rust
     `tokenizers` library: `[CLS] ... [SEP]`, truncated and padded with [PAD] to the context length, exactly as
@@ -116,9 +130,7 @@ class TargetTokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def info(self):
-        from ccr_ray.models.ccr import TokenizerInfo
-
+    def info(self) -> TokenizerInfo:
         return TokenizerInfo(vocab_size=self.vocab_size, pad_id=self.pad_id, cls_id=self.cls_id, sep_id=self.sep_id)
 
     def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

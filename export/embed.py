@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-from _common import fail, quiet_ray_env  # noqa: E402
+from ccr_ray.cli import fail, quiet_ray_env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet_ray_env()
 
-    from ccr_ray.export.embeddings import EmbedError, embed_dataset
+    from ccr_ray.inference.embeddings import EmbedError, embed_dataset
 
     try:
         summary = embed_dataset(args.model, args.data, args.out, split=args.split,

@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-from _common import fail, print_retrieval_report  # noqa: E402
+from ccr_ray.cli import fail, print_retrieval_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
-    from ccr_ray.export.embeddings import EmbedError
-    from ccr_ray.export.evaluate import evaluate_embeddings
+    from ccr_ray.inference.embeddings import EmbedError
+    from ccr_ray.inference.evaluate import evaluate_embeddings
 
     start = time.perf_counter()
     try:

@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-from _common import fail, quiet_ray_env  # noqa: E402
+from ccr_ray.cli import fail, quiet_ray_env
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,10 +24,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _common import fail, quiet_ray_env
-
-from ccr_ray.config import ConfigError, resolve_config
-from ccr_ray.stages import STAGES
+from ccr_ray.cli import fail, quiet_ray_env
+from ccr_ray.config import ConfigError
+from ccr_ray.stages import STAGES, resolve_config
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(args.stage, args.config, overrides)
     except ConfigError as err:
         return fail(str(err))
-    from ccr_ray.data.feature_cache import prune_stale, stale_caches
+    from ccr_ray.features.store import prune_stale, stale_caches
     from ccr_ray.train.plan import StageError, plan_stage
 
     try:
@@ -70,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if cache.status.valid else 1
     if args.dry_run:
         return 0
-    from ccr_ray.data.cache_builder import ensure_feature_cache
-    from ccr_ray.train.driver import ensure_ray
+    from ccr_ray.features.build import ensure_feature_cache
+    from ccr_ray.ray_utils import ensure_ray
 
     ensure_ray()
     info, action = ensure_feature_cache(cache, cfg.data, use_gpu=cfg.scaling.use_gpu, force=args.rebuild,

@@ -18,10 +18,10 @@ import argparse
 import sys
 import time
 
-from _common import fail, print_retrieval_report
+from ccr_ray.cli import fail, print_retrieval_report
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("--data", default=None)
@@ -32,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-images", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
 
     from ccr_ray.eval.evaluate import EvalError, evaluate_checkpoint
     from ccr_ray.eval.retrieval import CLIP_BPE

@@ -14,8 +14,7 @@ import argparse
 import sys
 import time
 
-from _common import SHARED_DATA, fail
-
+from ccr_ray.cli import SHARED_DATA, fail
 from ccr_ray.config import resolve_home
 from ccr_ray.data import schema
 

@@ -40,27 +40,12 @@ import sys
 import time
 from pathlib import Path
 
-from _common import fail, quiet_ray_env
-
-from ccr_ray.data import schema
+from ccr_ray.cli import fail, quiet_ray_env
+from ccr_ray.data import converters, schema
 from ccr_ray.data.converters import SOURCES
-from ccr_ray.data.converters.records import InputError, ParseResult, check_languages
+from ccr_ray.data.converters.records import InputError, ParseResult, check_languages, csv_list
 
 EXIT_TOO_MANY_BAD = 3
-
-
-def _pairs(values: list[str], option: str) -> dict[str, str]:
-    out = {}
-    for item in values:
-        if "=" not in item:
-            raise InputError(f"{option}: expected NAME=FILE, got {item!r}")
-        name, path = item.split("=", 1)
-        out[name.strip()] = path
-    return out
-
-
-def _csv(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,72 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--task-cpus", type=float, default=0.5)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
-    p = sub.add_parser("seeds", parents=[common], help="MLA/DASD path JSON + caption JSON + .npy splits")
-    p.add_argument("--path-json", action="append", required=True)
-    p.add_argument("--data-root", default=None, help="local folder that replaces the authors' dataset/ prefix")
-    p.add_argument("--path-prefix", action="append", default=None,
-                   help="absolute prefix to replace with --data-root (default: the released files' prefix)")
-    p.add_argument("--splits", default=None)
-    p = sub.add_parser("cc300k", parents=[common], help="UC2 translated CC3M TSVs")
-    p.add_argument("--images", required=True)
-    p.add_argument("--tsv-dir", default=None)
-    p.add_argument("--tsv", action="append", default=[], metavar="LANG=FILE")
-    p.add_argument("--top", type=int, default=300_000)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--existing-ids", default=None)
-    p = sub.add_parser("multi30k", parents=[common], help="Multi30K raw text files")
-    p.add_argument("--multi30k", required=True)
-    p.add_argument("--images", action="append", required=True)
-    p.add_argument("--no-task2", action="store_true", help="every language from task1 (1 caption, parallel)")
-    p.add_argument("--splits", default=None)
-    p = sub.add_parser("xtd10", parents=[common], help="XTD10 caption files")
-    p.add_argument("--xtd10", required=True)
-    p.add_argument("--images", action="append", required=True)
-    p = sub.add_parser("xflickrco", parents=[common], help="IGLUE xFlickr&CO JSON lines")
-    p.add_argument("--xflickrco", required=True)
-    p.add_argument("--images", action="append", required=True)
-    p.add_argument("--splits", default=None)
-    p = sub.add_parser("coco-cn", parents=[common], help="COCO-CN sentence files")
-    p.add_argument("--captions", nargs="+", required=True)
-    p.add_argument("--images", action="append", required=True)
-    p.add_argument("--split", default="test")
-    p.add_argument("--split-list", action="append", default=[], metavar="NAME=FILE")
-    assert set(sub.choices) == set(SOURCES)
+    for name in SOURCES:
+        module = converters.source(name)
+        module.add_arguments(sub.add_parser(name, parents=[common], help=module.HELP))
     return parser
 
 
 def parse_source(args: argparse.Namespace, languages: list[str] | None) -> ParseResult:
     """Ray-free: every input path and config field is checked here, before any Ray work."""
-    splits = _csv(getattr(args, "splits", None))
-    if args.source == "seeds":
-        from ccr_ray.data.converters import seeds
-
-        prefixes = tuple(args.path_prefix) if args.path_prefix else seeds.AUTHOR_PREFIXES
-        return seeds.parse(args.path_json, args.data_root, prefixes, languages, splits)
-    if args.source == "cc300k":
-        from ccr_ray.data.converters import cc300k
-
-        return cc300k.parse(args.images, args.tsv_dir, _pairs(args.tsv, "--tsv"), languages, args.top, args.seed,
-                            args.existing_ids)
-    if args.source == "multi30k":
-        from ccr_ray.data.converters import multi30k
-
-        return multi30k.parse(args.multi30k, args.images, languages, splits, task2=not args.no_task2)
-    if args.source == "xtd10":
-        from ccr_ray.data.converters import xtd10
-
-        return xtd10.parse(args.xtd10, args.images, languages)
-    if args.source == "xflickrco":
-        from ccr_ray.data.converters import xflickrco
-
-        return xflickrco.parse(args.xflickrco, args.images, languages, splits)
-    from ccr_ray.data.converters import coco_cn
-
-    lang = (languages or ["zh"])
-    if len(lang) != 1:
-        raise InputError("--languages: COCO-CN files hold one language (zh)")
-    return coco_cn.parse(args.captions, args.images, args.split, _pairs(args.split_list, "--split-list") or None,
-                         lang[0])
+    return converters.source(args.source).from_args(args, languages)
 
 
 def prepare_out(out: str, force: bool) -> Path:
@@ -170,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}")
         if args.shard_size <= 0 or args.task_cpus <= 0 or args.context_length <= 2:
             raise InputError("--shard-size and --task-cpus must be > 0, --context-length > 2")
-        if getattr(args, "splits", None) is not None and not _csv(args.splits):
+        if getattr(args, "splits", None) is not None and not csv_list(args.splits):
             raise InputError("--splits: empty")
-        languages = check_languages(_csv(args.languages)) if args.languages else None
+        languages = check_languages(csv_list(args.languages)) if args.languages else None
         tokenizer = None
         if args.tokenizer:
             folder = Path(args.tokenizer)
@@ -210,10 +138,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"{args.max_bad_fraction:.2%}); worst reasons: {rep.worst_reasons(rejects)}; see "
                     f"{out / schema.REJECTS_DIR}", EXIT_TOO_MANY_BAD)
 
+    from ccr_ray import ray_utils
     from ccr_ray.data import ingest
 
     shards = plan_shards(parsed.records, list(spec.languages), args.shard_size)
-    started = ingest.ensure_ray()
+    started = ray_utils.ensure_ray()
     try:
         t0 = time.perf_counter()
         summary = ingest.run_shards(shards, spec, args.task_cpus)

@@ -2,12 +2,14 @@
 
 Usage:
     python jobs/train_stage.py --stage STAGE [--config FILE|NAME] [--set key=value ...]
-                               [--num-workers N] [--use-gpu] [--dry-run] [--fresh]
+                               [--num-workers N] [--use-gpu] [--dry-run] [--fresh] [--verbose]
 
     --config    a JSON config file, or a packaged one by name (default: demo, the embedded default)
     --set       override any field, e.g. --set optim.lr=1e-4 --set model.languages=de,fr
     --dry-run   print the resolved config and the plan, check every input, start nothing
     --fresh     discard an earlier run of the same config instead of resuming it
+    --verbose   per-step log lines and Ray's own logs on the console (otherwise a progress bar, and Ray's logs in
+                the stage folder's ray.log)
 
 On a cluster:  ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
                    python jobs/train_stage.py --stage le
@@ -21,10 +23,9 @@ import argparse
 import json
 import sys
 
-from _common import fail, quiet_ray_env
-
-from ccr_ray.config import ConfigError, resolve_config
-from ccr_ray.stages import STAGES
+from ccr_ray.cli import fail, quiet_ray_env
+from ccr_ray.config import ConfigError
+from ccr_ray.stages import STAGES, resolve_config
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,6 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--verbose", action="store_true")
     return parser.parse_args(argv)
 
 
@@ -47,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"scaling.num_workers={args.num_workers}")
     if args.use_gpu:
         overrides.append("scaling.use_gpu=true")
+    if args.verbose:
+        overrides.append("run.verbose=true")
     try:
         cfg = resolve_config(args.stage, args.config, overrides)
     except ConfigError as err:
@@ -60,10 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(err))
     if args.dry_run:
         print(json.dumps(cfg.to_dict(), indent=2))
-    if args.dry_run or cfg.run.verbose:
-        print(plan.summary(), flush=True)
+    print(plan.summary(), flush=True)
     if args.dry_run:
         return 0
+    from ccr_ray.ray_utils import quiet_logs
+
+    quiet_logs(plan.output_dir / "ray.log", verbose=cfg.run.verbose)
     try:
         result = run_stage(plan, fresh=args.fresh)
     except StageError as err:

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 MICRO_PRESET = str(FIXTURES / "micro-vit.json")
 SHARED_DATA = Path(os.environ.get("CCR_RAY_SHARED_DATA", REPO.parent / "shared" / "data"))
-sys.path.insert(0, str(REPO / "jobs"))  # job modules import their sibling _common
+sys.path.insert(0, str(REPO / "jobs"))  # tests import the job CLIs by module name
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +52,7 @@ def micro_config(data_root: str, home: str, languages=("de", "zh"), **sections) 
 
 @pytest.fixture()
 def micro_cfg(micro_data, tmp_path):
-    from ccr_ray.config import resolve_config
+    from ccr_ray.stages import resolve_config
 
     def make(stage: str, **sections):
         return resolve_config(stage, micro_config(micro_data, str(tmp_path), **sections))

@@ -33,12 +33,3 @@ def run_shards(shards: list[dict], spec: WriteSpec, task_cpus: float = 0.5) -> p
                         num_cpus=task_cpus)
     tables = [t for t in ds.iter_batches(batch_size=None, batch_format="pyarrow") if t.num_rows]
     return pa.concat_tables(tables).cast(SUMMARY_SCHEMA) if tables else SUMMARY_SCHEMA.empty_table()
-
-
-def ensure_ray() -> bool:
-    """Connect to the cluster in RAY_ADDRESS (set inside `ray job submit`) or the one this process already
-    joined, else start a local one. True when this call started Ray (the caller then shuts it down)."""
-    if ray.is_initialized():
-        return False
-    ray.init(log_to_driver=True)
-    return True

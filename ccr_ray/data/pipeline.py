@@ -34,8 +34,9 @@ from ray.data import ExecutionOptions, ExecutionResources
 
 from ccr_ray.config import ExperimentConfig
 from ccr_ray.data import schema
-from ccr_ray.data.feature_cache import CacheInfo
 from ccr_ray.data.preprocess import PREPROCESS_BATCH, PreprocessSpec, TrainPreprocessor
+from ccr_ray.features.store import CacheInfo
+from ccr_ray.ray_utils import read_parquet_blocks
 from ccr_ray.stages import Stage
 
 TRAIN_KEY = "train"
@@ -56,16 +57,8 @@ def _preprocess(batch, spec: PreprocessSpec):
 
 
 def training_stream(plan: StreamPlan, task_cpus: float) -> ray.data.Dataset:
-    # The V1 Parquet reader splits files into several blocks; V2's size-balanced bin packing (128 MiB bins)
-    # reads a small dataset in a single task, which serialises the whole stream behind one read (measured:
-    # first batch after 19 s instead of 3.6 s on the demo data).
-    context = ray.data.DataContext.get_current()
-    previous, context.use_datasource_v2 = context.use_datasource_v2, False
-    try:
-        ds = ray.data.read_parquet(plan.files * plan.passes, columns=plan.spec.columns,
-                                   shuffle=ray.data.FileShuffleConfig(seed=plan.seed), num_cpus=task_cpus)
-    finally:
-        context.use_datasource_v2 = previous
+    ds = read_parquet_blocks(plan.files * plan.passes, columns=plan.spec.columns,
+                             shuffle=ray.data.FileShuffleConfig(seed=plan.seed), num_cpus=task_cpus)
     return ds.map_batches(_preprocess, fn_kwargs={"spec": plan.spec}, batch_size=PREPROCESS_BATCH,
                           batch_format="numpy", num_cpus=task_cpus)
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ccr_ray.data import schema
-from ccr_ray.data.feature_cache import BATCH_KEYS, FEATURE_COLUMNS, vectors
 from ccr_ray.data.transforms import ImageTransform, open_image
+from ccr_ray.features.store import BATCH_KEYS, FEATURE_COLUMNS, vectors
 
 log = logging.getLogger(__name__)
 PREPROCESS_BATCH = 64  # rows per preprocessing call: large enough to amortise task overhead, small for latency

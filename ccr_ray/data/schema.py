@@ -33,6 +33,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ccr_ray.storage import atomic_write_text
+
 IMAGE_ID = "image_id"
 SPLIT = "split"
 IMAGE = "image"
@@ -127,10 +129,7 @@ def load_manifest(root: str | os.PathLike) -> Manifest:
 
 def write_manifest(root: str | os.PathLike, manifest: Manifest) -> None:
     """Atomic write: readers never see a half-written manifest."""
-    root = Path(root)
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(manifest.to_json())
-    os.replace(tmp, root / MANIFEST)
+    atomic_write_text(Path(root) / MANIFEST, manifest.to_json())
 
 
 def split_files(root: str | os.PathLike, split: str) -> list[str]:

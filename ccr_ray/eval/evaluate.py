@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
+from ccr_ray import checkpoint as ckpt
 from ccr_ray.data import schema
 from ccr_ray.data.transforms import ImageTransform
 from ccr_ray.eval.retrieval import ADAPTED, evaluate_table, mean_mr
 from ccr_ray.stages import STAGES
-from ccr_ray.train import checkpoint as ckpt
 
 
 class EvalError(ValueError):
@@ -26,7 +26,7 @@ def evaluate_checkpoint(path: str, data: str | None = None, split: str | None = 
     except ckpt.CheckpointError as err:
         raise EvalError(str(err)) from None
     cfg = meta.experiment
-    root = data or cfg.path(getattr(cfg.data, STAGES[meta.stage].dataset))
+    root = data or STAGES[meta.stage].dataset_root(cfg)
     split = split or cfg.data.test_split
     try:
         manifest = schema.load_manifest(root)

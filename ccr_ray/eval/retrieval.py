@@ -9,7 +9,6 @@ languages through the model's adapters, or through CLIP's own BPE tokenizer for 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +19,7 @@ from ccr_ray.data import schema
 from ccr_ray.data.preprocess import tokenize_captions
 from ccr_ray.data.transforms import ImageTransform, open_image
 from ccr_ray.eval.metrics import average_metrics, retrieval_metrics
+from ccr_ray.models.precision import autocast
 
 # How non-English captions are encoded
 ADAPTED = "adapted"  # the model's multilingual path (MLA acquirers / DASD adapters)
@@ -35,12 +35,6 @@ def language_rows(table: pa.Table, lang: str, max_images: int = 0) -> pa.Table:
     return rows.slice(0, max_images) if max_images else rows
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
 @torch.no_grad()
 def encode_images(model, images: Sequence, transform: ImageTransform, device: torch.device, batch_size: int = 256,
                   precision: str = "fp32", root: str | None = None, progress: Callable | None = None
@@ -50,7 +44,7 @@ def encode_images(model, images: Sequence, transform: ImageTransform, device: to
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         pixels = transform.batch([open_image(data, path, root) for data, path in chunk])
-        with _autocast(device, precision):
+        with autocast(device, precision):
             out = model.encode_image(torch.from_numpy(pixels).to(device))
         feats.append(F.normalize(out.float(), dim=-1).cpu())
         if progress:
@@ -67,11 +61,11 @@ def encode_captions(model, texts: Sequence[str], lang: str, context_length: int,
         chunk = list(texts[start:start + batch_size])
         if lang == "en" or mode == CLIP_BPE:
             ids = tokenize_captions(chunk, "en", context_length, None)["text_en_ids"]
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 out = model.encode_text_en(torch.from_numpy(ids).to(device))
         else:
             enc = tokenize_captions(chunk, lang, context_length, tokenizer)
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 out = model.encode_text(torch.from_numpy(enc["text_ids"]).to(device),
                                         torch.from_numpy(enc["text_mask"]).to(device), lang)
         feats.append(F.normalize(out.float(), dim=-1).cpu())

@@ -16,9 +16,9 @@ per-language graphs would copy them once per language (ViT-B-32, 5 languages: 5 
 `lang_index` (a per-call copy of one language's adapters: 12.6 MB for MLA at real size); everything else is
 the model's own `encode_text`, run through `torch.func.functional_call` with the first language's adapter
 weights swapped for the gathered ones, so the graph is the PyTorch code path itself (no re-implementation of
-MLA or DASD to drift from it), and any adapter that keeps per-language modules in `nn.ModuleDict`s keyed by
-language code exports unchanged (per-language weights kept any other way would be missed, and the parity
-check, which runs every language, would fail the export).
+MLA or DASD to drift from it), and any adapter that names its per-language `nn.ModuleDict`s in
+`language_dicts()` (models/adapters.py) exports unchanged (per-language weights kept any other way would be
+missed, and the parity check, which runs every language, would fail the export).
 
 Pooling is export-safe in the model already: EOT and [SEP] are found by a float compare + argmax (no `nonzero`,
 no argmax over integer ids), positions are sliced to the input length, so T is free up to the context length.
@@ -49,12 +49,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ccr_ray import checkpoint as ckpt
 from ccr_ray import runtime as rt
+from ccr_ray import storage
 from ccr_ray.data.transforms import ImageTransform
 from ccr_ray.export.probes import Probes, build_probes, image_cases, text_cases
 from ccr_ray.models.ccr import CCRModel
 from ccr_ray.stages import STAGES
-from ccr_ray.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +120,6 @@ class _EncodeText(nn.Module):
         return self.model.encode_text(input_ids, attention_mask, lang)
 
 
-def language_dicts(model: CCRModel) -> list[str]:
-    """Names (under `model.adapters`) of the ModuleDicts keyed by the model's languages: the per-language
-    weights. MLA: `acquirers`; DASD: `adapters` (its generators, SD pass and latent MLP are shared)."""
-    langs = set(model.languages)
-    return [name for name, child in model.adapters.named_modules()
-            if isinstance(child, nn.ModuleDict) and set(child.keys()) == langs]
-
-
 class MultilingualTextEncoder(nn.Module):
     """All `languages` in one graph: per-language tensors stacked [L, ...], gathered by `lang_index`."""
 
@@ -136,7 +129,7 @@ class MultilingualTextEncoder(nn.Module):
         self.languages = list(languages)
         self.template = self.languages[0]
         self._swaps: list[tuple[str, str]] = []  # (parameter name under `encode`, stacked buffer name)
-        for dict_name in language_dicts(model):
+        for dict_name in model.adapters.language_dicts():  # the per-language weights (models/adapters.py)
             module_dict = model.adapters.get_submodule(dict_name)
             for name, _ in module_dict[self.template].state_dict(keep_vars=True).items():
                 stacked = torch.stack([module_dict[lang].state_dict(keep_vars=True)[name].detach()
@@ -389,7 +382,7 @@ def resolve_plan(checkpoint: str, out: str | None = None, languages: list[str] |
         raise ExportError(f"--out: {out} exists, is not empty and is not an export folder; refusing to replace it")
     cfg = meta.experiment
     if data is None:
-        candidate = cfg.path(getattr(cfg.data, STAGES[meta.stage].dataset))
+        candidate = STAGES[meta.stage].dataset_root(cfg)
         data = candidate if candidate and os.path.isdir(candidate) else None
     elif not os.path.isdir(data):
         raise ExportError(f"--data: no dataset folder {data}")
@@ -453,7 +446,7 @@ def export_checkpoint(plan: ExportPlan, model: CCRModel, meta: ckpt.CheckpointMe
             "language_index": {lang: i for i, lang in enumerate(plan.languages)} if rt.TEXT in graphs else {},
             "embed_dim": int(proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]),
             "context_length": model.context_length, "image_size": transform.size,
-            "padding_invariant": bool(getattr(model.adapters, "padding_invariant", True)),
+            "padding_invariant": bool(model.adapters.padding_invariant),
             "opset": plan.opset, "graphs": graphs, "tokenizers": tokenizers, "preprocess": rt.PREPROCESS_FILE,
             "normalized": True, "files": OTHER_FILES,
             "export": {"exporter": "torch.onnx (dynamo)", "torch": torch.__version__, "onnx": onnx.__version__,
@@ -494,7 +487,7 @@ def export_checkpoint(plan: ExportPlan, model: CCRModel, meta: ckpt.CheckpointMe
         plan.timings["total_s"] = round(time.perf_counter() - started, 2)
         manifest["export"]["seconds"] = plan.timings
         (tmp / rt.MANIFEST).write_text(json.dumps(manifest, indent=2))
-        ckpt.swap_in(tmp, out)
+        storage.swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

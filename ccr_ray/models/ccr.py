@@ -13,41 +13,29 @@ cosine similarity. Freezing goes through `param_groups()`, never through paramet
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ccr_ray.models import backbone
+from ccr_ray.models.adapters import TextAdapters
 from ccr_ray.models.mla import MLAAdapters
-from ccr_ray.models.multilingual import MultilingualEmbedding, first_position_of, gather_positions
-
-
-@dataclass(frozen=True)
-class TokenizerInfo:
-    """What the model needs to know about the non-English tokenizer."""
-
-    vocab_size: int
-    pad_id: int
-    cls_id: int
-    sep_id: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from ccr_ray.models.multilingual import MultilingualEmbedding
+from ccr_ray.tokenization import TokenizerInfo
 
 
 class CCRModel(nn.Module):
-    def __init__(self, clip: nn.Module, embedding: MultilingualEmbedding, adapters: nn.Module, tokens: TokenizerInfo,
+    def __init__(self, clip: nn.Module, embedding: MultilingualEmbedding, adapters: TextAdapters, tokens: TokenizerInfo,
                  context_length: int):
         super().__init__()
-        if not getattr(clip.transformer, "batch_first", True):
-            raise ValueError("CCRModel needs an open_clip text transformer with batch_first=True")
         self.clip = clip
         self.embedding = embedding
         self.adapters = adapters
         self.tokens = tokens
         self.context_length = context_length
+        # a view over clip's text modules (no parameters of its own): the seam adapters are inserted into
+        self.text_tower = backbone.TextTower(clip, tokens.sep_id)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -56,55 +44,31 @@ class CCRModel(nn.Module):
 
     @property
     def width(self) -> int:
-        return self.clip.transformer.width
+        return self.text_tower.width
 
     @property
     def num_layers(self) -> int:
-        return len(self.clip.transformer.resblocks)
+        return self.text_tower.num_layers
 
     # ------------------------------------------------------------------ encoders
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.clip.encode_image(pixels)
+        return backbone.encode_image(self.clip, pixels)
 
     def encode_text_en(self, ids: torch.Tensor) -> torch.Tensor:
-        """CLIP's own text path (as open_clip's `encode_text`), for any sequence length <= the context, so
-        trimmed batches and dynamic-length ONNX graphs work: pooled at EOT, the largest id in each row."""
-        clip = self.clip
-        x = clip.token_embedding(ids) + clip.positional_embedding[: ids.shape[1]]
-        causal = backbone.causal_mask(clip, ids.shape[1])
-        for block in clip.transformer.resblocks:
-            x = block(x, attn_mask=causal)
-        x = clip.ln_final(x)
-        eot = ids.to(torch.float32).argmax(dim=-1)  # float argmax: first maximum, export-safe
-        pooled = gather_positions(x, eot)
-        proj = clip.text_projection
-        return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
-
-    def run_blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Frozen CLIP text blocks [start, stop) with the causal mask, no adapters (DASD's SD pass)."""
-        mask = backbone.causal_mask(self.clip, x.shape[1])
-        for block in self.clip.transformer.resblocks[start:stop]:
-            x = block(x, attn_mask=mask)
-        return x
-
-    def project_at(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """LN_final, pool at [SEP], project with CLIP's text projection."""
-        x = self.clip.ln_final(x)
-        pooled = gather_positions(x, first_position_of(ids, self.tokens.sep_id))
-        proj = self.clip.text_projection
-        return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+        return backbone.encode_text_en(self.clip, ids)
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor | None, lang: str,
                     return_aux: bool = False):
         if lang not in self.adapters.languages:
             raise KeyError(f"no adapters for language {lang!r}; this model has {', '.join(self.languages)}")
-        x = self.embedding(ids, self.clip.positional_embedding)  # [B, T, width]
-        context = self.adapters.prepare(self, x, ids, mask, lang)
-        causal = backbone.causal_mask(self.clip, ids.shape[1])
-        for layer, block in enumerate(self.clip.transformer.resblocks):
-            x = block(x, attn_mask=causal)
+        tower = self.text_tower
+        x = tower.embed(self.embedding(ids))  # [B, T, width]
+        context = self.adapters.prepare(tower, x, ids, mask, lang)
+        attention = tower.attention(ids, mask)
+        for layer in range(tower.num_layers):
+            x = tower.run_block(layer, x, attention)
             x = self.adapters.after_block(layer, x, lang, context)
-        features = self.project_at(x, ids)
+        features = tower.finish(x, ids, mask)
         if return_aux:
             return features, self.adapters.aux_outputs(context)
         return features
@@ -156,12 +120,8 @@ class CCRModel(nn.Module):
             "adapters": [],
         }
         for name, param in named.items():
-            if name.startswith("clip.visual."):
-                groups["image_tower"].append((name, param))
-            elif name in ("clip.logit_scale", "clip.logit_bias"):
-                groups["logit_scale"].append((name, param))
-            elif name.startswith("clip."):
-                groups["text_tower"].append((name, param))
+            if name.startswith("clip."):
+                groups[backbone.tower_of(name[len("clip."):])].append((name, param))
             elif name.startswith("embedding.token_embedding."):
                 groups["token_embedding"].append((name, param))
             elif name.startswith("embedding."):
@@ -182,7 +142,7 @@ class CCRModel(nn.Module):
         unknown = wanted - set(all_groups)
         if unknown:
             raise KeyError(f"unknown parameter groups {sorted(unknown)}; known: {', '.join(all_groups)}")
-        frozen = {id(p) for p in getattr(self.adapters, "frozen_parameters", lambda: [])()}
+        frozen = {id(p) for p in self.adapters.frozen_parameters()}
         trainable = []
         for group, params in all_groups.items():
             for name, param in params:
@@ -196,7 +156,7 @@ class CCRModel(nn.Module):
 # ---------------------------------------------------------------------------------------------- building
 
 
-def build_adapters(model_cfg, layers: int, width: int, embed_dim: int) -> nn.Module:
+def build_adapters(model_cfg, layers: int, width: int, embed_dim: int) -> TextAdapters:
     if model_cfg.adapter == "mla":
         return MLAAdapters(model_cfg.languages, layers, width, model_cfg.mla.hidden)
     if model_cfg.adapter == "dasd":
@@ -219,9 +179,8 @@ def build_model(model_cfg, tokens: TokenizerInfo, clip_cfg: dict | None = None) 
         raise ValueError(f"model.text.context_length: {context} exceeds the backbone's {clip.context_length} "
                          "positions")
     embedding = MultilingualEmbedding(tokens.vocab_size, model_cfg.text.embed_dim, width)
-    proj = clip.text_projection
-    embed_dim = proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
-    adapters = build_adapters(model_cfg, len(clip.transformer.resblocks), width, embed_dim)
+    tower = backbone.TextTower(clip, tokens.sep_id)
+    adapters = build_adapters(model_cfg, tower.num_layers, tower.width, tower.embed_dim)
     return CCRModel(clip, embedding, adapters, tokens, context)
 
 

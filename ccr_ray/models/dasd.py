@@ -30,7 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ccr_ray.models.multilingual import first_position_of, gather_positions, masked_mean
+from ccr_ray.models.adapters import TextAdapters
+from ccr_ray.models.multilingual import masked_mean
 
 
 class QuickGELU(nn.Module):
@@ -51,13 +52,12 @@ class DynamicAdapter(nn.Module):
         return h + self.up(F.relu(torch.bmm(self.down(h), core)))
 
 
-class DASDAdapters(nn.Module):
-    """Implements CCRModel's text-adapter protocol (prepare / after_block / aux_outputs)."""
+class DASDAdapters(TextAdapters):
+    """Semantic disentangling in `prepare`, the dynamic adapters in `after_block`, s_r / s_a as aux outputs."""
 
     def __init__(self, languages: list[str], layers: int, width: int, cfg, embed_dim: int | None = None):
-        super().__init__()
+        super().__init__(languages)
         embed_dim = embed_dim or width
-        self.languages = list(languages)
         self.core = cfg.core
         self.sd_blocks = cfg.sd_blocks
         if not 1 <= cfg.sd_blocks <= layers:
@@ -84,10 +84,10 @@ class DASDAdapters(nn.Module):
             else:
                 nn.init.normal_(self.sr_projection, std=self.sr_projection.shape[0] ** -0.5)
 
-    def after_backbone_loaded(self, clip: nn.Module) -> None:
+    def after_backbone_loaded(self, tower) -> None:
         """Called once the CLIP weights are in place (W_sr may copy the text projection)."""
         if self.sr_init == "copy_text_projection":
-            self.reset_sr_projection(clip.text_projection.detach())
+            self.reset_sr_projection(tower.after_load()["text_projection"])
 
     @property
     def padding_invariant(self) -> bool:
@@ -99,9 +99,9 @@ class DASDAdapters(nn.Module):
         return [] if self.train_sd_norms else [*self.ln_r.parameters(), *self.ln_a.parameters()]
 
     # ---------------------------------------------------------------- semantic disentangling
-    def disentangle(self, model, x0: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None):
-        g = model.run_blocks(x0, 0, self.sd_blocks)  # [B, T, width]
-        s_r = gather_positions(self.ln_r(g), first_position_of(ids, model.tokens.sep_id)) @ self.sr_projection
+    def disentangle(self, tower, x0: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None):
+        g = tower.run_blocks(x0, 0, self.sd_blocks, tower.attention(ids, mask))  # [B, T, width]
+        s_r = tower.pool(self.ln_r(g), ids, mask) @ self.sr_projection  # the sentence's token ([SEP])
         s_a = masked_mean(self.ln_a(g), None if self.mean_pool_padding else mask)
         z = self.latent(torch.cat([s_r, s_a], dim=-1))
         return s_r, s_a, z
@@ -110,9 +110,9 @@ class DASDAdapters(nn.Module):
         """The per-caption core of every layer, [B, core, core] each: a function of z alone."""
         return [gen(z).view(z.shape[0], self.core, self.core) for gen in self.generators]
 
-    # ---------------------------------------------------------------- adapter protocol
-    def prepare(self, model, x0: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None, lang: str):
-        s_r, s_a, z = self.disentangle(model, x0, ids, mask)
+    # ---------------------------------------------------------------- the adapter interface
+    def prepare(self, tower, x0: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None, lang: str):
+        s_r, s_a, z = self.disentangle(tower, x0, ids, mask)
         return {"s_r": s_r, "s_a": s_a, "z": z, "cores": self.cores(z)}
 
     def after_block(self, layer: int, h: torch.Tensor, lang: str, context) -> torch.Tensor:
@@ -121,6 +121,9 @@ class DASDAdapters(nn.Module):
 
     def aux_outputs(self, context) -> dict[str, torch.Tensor]:
         return {"s_r": context["s_r"], "s_a": context["s_a"]}
+
+    def language_dicts(self) -> list[str]:
+        return ["adapters"]  # the generators, the SD pass and the latent MLP are shared by every language
 
     def dynamic_path_parameters(self) -> int:
         """Parameters of the dynamic-adapter path as the spec counts them (3.2): static down/up of every

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ccr_ray.models.adapters import TextAdapters
+
 
 class LanguageAcquirer(nn.Module):
     def __init__(self, width: int, hidden: int):
@@ -23,23 +25,17 @@ class LanguageAcquirer(nn.Module):
         return h + self.up(F.relu(self.down(h)))
 
 
-class MLAAdapters(nn.Module):
-    """One acquirer per (language, layer). Implements the text-adapter protocol used by `CCRModel`:
-    `prepare(...)` -> per-caption context (none for MLA), `after_block(layer, h, lang, context)`,
-    `aux_outputs(context)` -> extra features for losses (none for MLA)."""
+class MLAAdapters(TextAdapters):
+    """One acquirer per (language, layer); no per-caption context, no extra outputs (models/adapters.py)."""
 
     def __init__(self, languages: list[str], layers: int, width: int, hidden: int):
-        super().__init__()
-        self.languages = list(languages)
+        super().__init__(languages)
         self.acquirers = nn.ModuleDict(
             {lang: nn.ModuleList([LanguageAcquirer(width, hidden) for _ in range(layers)]) for lang in languages}
         )
 
-    def prepare(self, model, x0: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None, lang: str):
-        return None
-
     def after_block(self, layer: int, h: torch.Tensor, lang: str, context) -> torch.Tensor:
         return self.acquirers[lang][layer](h)
 
-    def aux_outputs(self, context) -> dict[str, torch.Tensor]:
-        return {}
+    def language_dicts(self) -> list[str]:
+        return ["acquirers"]

@@ -18,24 +18,9 @@ class MultilingualEmbedding(nn.Module):
         self.proj = nn.Linear(embed_dim, width)  # W_e, b_e
         nn.init.normal_(self.token_embedding.weight, std=0.02)  # BERT's initializer_range
 
-    def forward(self, ids: torch.Tensor, positional_embedding: torch.Tensor) -> torch.Tensor:
-        # ids [B, T] -> [B, T, width]
-        return self.proj(self.token_embedding(ids)) + positional_embedding[: ids.shape[1]]
-
-
-def first_position_of(ids: torch.Tensor, token_id: int) -> torch.Tensor:
-    """Index of the first `token_id` in each row of ids [B, T] -> [B].
-
-    Export-safe: a float comparison + argmax (ONNX ArgMax returns the first maximum by default); no `nonzero`,
-    no argmax over integer token ids (open_clip's EOT trick, which assumes EOT has the largest id).
-    """
-    return (ids == token_id).to(torch.float32).argmax(dim=-1)
-
-
-def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """x [B, T, D], positions [B] -> x[b, positions[b]] as [B, D]."""
-    index = positions.view(-1, 1, 1).expand(-1, 1, x.shape[-1])
-    return torch.gather(x, 1, index).squeeze(1)
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # ids [B, T] -> [B, T, width]; the text tower adds its own positions (backbone.TextTower.embed)
+        return self.proj(self.token_embedding(ids))
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

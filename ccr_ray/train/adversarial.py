@@ -20,8 +20,10 @@ import torch
 import torch.distributed as dist
 
 from ccr_ray.models.dasd import Discriminator, discriminator_loss, generator_loss
+from ccr_ray.optim import load_optimizer_state, optimizer_state
 
 PREFIX = "discriminator."
+OPTIM_PREFIX = "adam/"  # its optimizer state beside the main optimizer's in optimizer.safetensors
 
 
 def _distributed() -> bool:
@@ -29,8 +31,13 @@ def _distributed() -> bool:
 
 
 class Adversary:
-    def __init__(self, in_dim: int, cfg, device: torch.device):
+    """An auxiliary trainer beside the model: the training step calls `step(outputs)` after the forward pass (the
+    discriminator's own update) and `after_backward()` after the model's backward; the generator term is a loss
+    (`losses.adversarial_*`) that reads `LossContext.adversary`."""
+
+    def __init__(self, in_dim: int, cfg, device: torch.device, gold: str):
         self.cfg = cfg
+        self.gold = gold  # the model output that carries each sample's semantics: text_en (CLA) or image (CMA)
         self.in_main_optimizer = cfg.discriminator_in_main_optimizer
         self._partner: tuple[torch.Tensor, torch.Tensor] | None = None  # (gold, its partners) of the current step
         self.disc = Discriminator(in_dim, list(cfg.discriminator_hidden)).to(device)
@@ -39,6 +46,16 @@ class Adversary:
         if _distributed():
             for p in self.disc.parameters():
                 dist.broadcast(p.data, src=0)
+
+    # ---------------------------------------------------------------- the training step's hooks
+    def step(self, outputs: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Discriminator first, on detached features, so the generator term sees the updated discriminator."""
+        return {"discriminator": self.train_discriminator(outputs["s_a"], outputs[self.gold])}
+
+    def after_backward(self) -> None:
+        """The public code's mode: the main optimizer also steps the discriminator on averaged gradients."""
+        if self.in_main_optimizer:
+            self.sync_grads()
 
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(PREFIX + n, p) for n, p in self.disc.named_parameters()]
@@ -104,21 +121,8 @@ class Adversary:
         self.disc.load_state_dict(own, strict=True)
         return True
 
-    def optimizer_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
-        tensors, scalars = {}, {}
-        for name, p in self.named_parameters():
-            for key, value in self.optimizer.state.get(p, {}).items():
-                if torch.is_tensor(value) and value.dim() > 0:
-                    tensors[f"{name}::{key}"] = value.detach().cpu().clone()
-                else:
-                    scalars.setdefault(name, {})[key] = float(value)
-        return tensors, scalars
+    def optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return optimizer_state(self.optimizer, self.named_parameters(), OPTIM_PREFIX)
 
-    def load_optimizer_tensors(self, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
-        for name, p in self.named_parameters():
-            state = {k: torch.tensor(v) for k, v in scalars.get(name, {}).items()}
-            for full, value in tensors.items():
-                if full.startswith(f"{name}::"):
-                    state[full.split("::", 1)[1]] = value.to(p.device, copy=True)
-            if state:
-                self.optimizer.state[p] = state
+    def load_optimizer_state(self, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+        load_optimizer_state(self.optimizer, self.named_parameters(), tensors, scalars, OPTIM_PREFIX)

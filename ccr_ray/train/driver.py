@@ -18,8 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ccr_ray import checkpoint as ckpt
 from ccr_ray.config import ExperimentConfig
-from ccr_ray.train import checkpoint as ckpt
+from ccr_ray.ray_utils import ensure_ray, train_logging_config
 from ccr_ray.train.plan import CHECKPOINT_DIR, StageError, StagePlan, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -31,14 +32,6 @@ class StageResult:
     metrics: dict
     run_path: str
     history: list[dict] = field(default_factory=list)
-
-
-def ensure_ray() -> None:
-    """Connect to the cluster in RAY_ADDRESS (set inside `ray job submit`), else start a local one."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
 
 
 def check_resources(cfg: ExperimentConfig) -> None:
@@ -72,10 +65,10 @@ def build_trainer(plan: StagePlan, callbacks: list | None = None, storage_path: 
     ray.data.DataContext.get_current().enable_progress_bars = False  # the train log shows progress instead
     cache = None
     if plan.feature_cache is not None and plan.feature_cache.applicable:
-        from ccr_ray.data.cache_builder import ensure_feature_cache
+        from ccr_ray.features.build import ensure_feature_cache
 
         cache, _ = ensure_feature_cache(plan.feature_cache, cfg.data, use_gpu=cfg.scaling.use_gpu,
-                                        report=print if cfg.run.verbose else None)
+                                        report=print)
     datasets, data_config = build_datasets(cfg, plan.stage, plan.dataset_root, plan.tokenizer_dir, plan.preprocess,
                                            plan.context_length, plan.train_languages, cache=cache)
     spec = WorkerSpec.from_plan(plan, feature_cache=str(cache.folder) if cache is not None else None,
@@ -90,6 +83,7 @@ def build_trainer(plan: StagePlan, callbacks: list | None = None, storage_path: 
                                                      checkpoint_score_order="max"),
         failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures, controller_failure_limit=0),
         callbacks=callbacks or None,
+        logging_config=train_logging_config(cfg.run.verbose),
     )
     return TorchTrainer(train_fn or train_loop_per_worker, train_loop_config=spec.to_dict(), scaling_config=scaling,
                         run_config=run_config, datasets=datasets, dataset_config=data_config,

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ccr_ray import checkpoint as ckpt
 from ccr_ray.config import ExperimentConfig
 from ccr_ray.data import schema
-from ccr_ray.data.feature_cache import CacheError, FeatureCachePlan, plan_feature_cache
+from ccr_ray.features import CacheError
+from ccr_ray.features.plan import FeatureCachePlan, plan_feature_cache
 from ccr_ray.models import backbone
 from ccr_ray.stages import STAGES, Stage
-from ccr_ray.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoint"  # {stage_dir}/checkpoint: the stage's output, what child stages start from
@@ -149,7 +150,7 @@ def plan_stage(cfg: ExperimentConfig, config_source: str | None = None) -> Stage
     """Every check that can fail without a cluster, with messages naming the field or path."""
     stage = STAGES[cfg.stage]
     parent = _parent_checkpoint(cfg, stage, config_source)
-    dataset_root = cfg.path(getattr(cfg.data, stage.dataset))
+    dataset_root = stage.dataset_root(cfg)
     try:
         manifest = schema.load_manifest(dataset_root)
     except schema.DatasetError as err:

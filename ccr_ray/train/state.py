@@ -16,20 +16,20 @@ import pyarrow as pa
 import torch
 from torch import nn
 
+from ccr_ray import checkpoint as ckpt
 from ccr_ray.config import ExperimentConfig
 from ccr_ray.data.transforms import ImageTransform
 from ccr_ray.eval.retrieval import evaluate_table, mean_mr
 from ccr_ray.losses import LOSSES, LossContext, compute_losses
 from ccr_ray.models import backbone
-from ccr_ray.models.ccr import CCRModel, TokenizerInfo, build_model, load_mbert_embeddings
+from ccr_ray.models.ccr import CCRModel, build_model, load_mbert_embeddings
 from ccr_ray.models.precision import autocast, resolve_precision
 from ccr_ray.optim import Optimization
 from ccr_ray.stages import STAGES, Stage
-from ccr_ray.train import checkpoint as ckpt
+from ccr_ray.tokenization import TokenizerInfo
 from ccr_ray.train.adversarial import Adversary
 
 MAX_LOGIT_SCALE = math.log(100.0)  # open_clip clamps the learned scale at 100
-ADVERSARY_OPTIM = "adam/"  # prefix of the discriminator's own optimizer state in optimizer.safetensors
 
 
 def normalize_pixels(batch: dict[str, torch.Tensor], transform: ImageTransform) -> dict[str, torch.Tensor]:
@@ -88,9 +88,7 @@ def build_stage_model(cfg: ExperimentConfig, stage: Stage, tokenizer_dir: str, p
     elif cfg.model.backbone.pretrained:
         backbone.load_backbone_weights(model.clip, cfg.path(cfg.model.backbone.pretrained))
     if not parent or stage.inherit == "backbone":
-        hook = getattr(model.adapters, "after_backbone_loaded", None)
-        if hook is not None:
-            hook(model.clip)
+        model.adapters.after_backbone_loaded(model.text_tower)
     if cfg.model.text.embeddings_init and (not parent or stage.inherit == "backbone"):
         table = load_mbert_embeddings(cfg.path(cfg.model.text.embeddings_init))
         if tuple(table.shape) != tuple(model.embedding.token_embedding.weight.shape):
@@ -133,9 +131,10 @@ class TrainState:
         model.to(device)
         trainable = model.set_trainable(stage.trains)
         adversary = None
-        if any(LOSSES[name].adversarial_gold for name, w in cfg.loss.weights.items() if w):
-            embed = model.clip.text_projection.shape[-1]
-            adversary = Adversary(model.width + embed, cfg.model.dasd, device)
+        golds = [LOSSES[name].adversarial_gold for name, w in cfg.loss.weights.items() if w]
+        gold = next((g for g in golds if g), None)
+        if gold is not None:  # an adversarial loss is on: DASD's discriminator trains beside the model
+            adversary = Adversary(model.width + model.text_tower.embed_dim, cfg.model.dasd, device, gold)
             if parent and stage.inherit == "all":  # CMA carries CLA's discriminator on (spec 3.3)
                 aux = ckpt.load_tensors(parent, ckpt.AUX_FILE)
                 if aux is not None:
@@ -143,7 +142,7 @@ class TrainState:
             if adversary.in_main_optimizer:
                 trainable = trainable + adversary.named_parameters()
         optim = Optimization(trainable, cfg.optim, t_total=cfg.train.max_steps)
-        ctx = LossContext(rank=rank, world_size=world_size, scale=cfg.loss.scale, extras={"adversary": adversary})
+        ctx = LossContext(rank=rank, world_size=world_size, scale=cfg.loss.scale, adversary=adversary)
         return cls(cfg, stage, model, artifacts, optim, device, resolve_precision(cfg.train.precision, device), ctx,
                    adversary=adversary)
 
@@ -167,37 +166,27 @@ class TrainState:
         """The model's own preprocessing (fixed for the run): normalises stream pixels, preprocesses validation."""
         return ImageTransform.from_config(self.artifacts.preprocess)
 
-    @property
-    def padding_invariant(self) -> bool:
-        return getattr(self.model.adapters, "padding_invariant", True)
-
     # ---------------------------------------------------------------- one step
     def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A stream batch as the model takes it: on the device, pixels normalised, all-padding columns cut."""
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
         if "pixels" in batch:
             batch = normalize_pixels(batch, self.image_transform)
-        return trim_padding(batch, self.padding_invariant)
+        return trim_padding(batch, self.model.adapters.padding_invariant)
 
     def train_step(self, batch: dict[str, torch.Tensor], lang: str) -> dict[str, float]:
         self.module.train()
         batch = self.model_inputs(batch)
         with autocast(self.device, self.precision):
             outputs = self.module(batch, lang, tuple(self.needs))
-        extra: dict[str, float] = {}
-        if self.adversary is not None:
-            # discriminator first, on detached features, so the generator term sees the updated discriminator
-            for name, weight in self.cfg.loss.weights.items():
-                gold = LOSSES[name].adversarial_gold
-                if weight and gold:
-                    extra["discriminator"] = self.adversary.train_discriminator(outputs["s_a"], outputs[gold])
+        extra = self.adversary.step(outputs) if self.adversary is not None else {}
         if self.cfg.loss.learn_scale:
             self.loss_ctx.scale = self.model.clip.logit_scale.exp()
         total, terms = compute_losses(self.cfg.loss.weights, outputs, self.loss_ctx)
         self.optim.zero_grad()
         total.backward()
-        if self.adversary is not None and self.adversary.in_main_optimizer:
-            self.adversary.sync_grads()
+        if self.adversary is not None:
+            self.adversary.after_backward()
         self.optim.step()
         if self.cfg.loss.learn_scale:
             with torch.no_grad():
@@ -246,29 +235,24 @@ class TrainState:
         if self.adversary is not None:
             aux = self.adversary.weights()
             if with_optimizer:
-                d_tensors, d_scalars = self.adversary.optimizer_tensors()
-                tensors.update({ADVERSARY_OPTIM + k: v for k, v in d_tensors.items()})
-                scalars["adversary"] = d_scalars
+                d_tensors, scalars["adversary"] = self.adversary.optimizer_state()
+                tensors.update(d_tensors)
         return ckpt.save_checkpoint(path, self.model, self.meta(metrics), tokenizer_dir=self.artifacts.tokenizer_dir,
                                     aux=aux, optimizer=tensors, optimizer_scalars=scalars)
 
     def restore(self, path: str | Path) -> None:
         """Resume: weights, optimizer moments, step, best score and log from a checkpoint of this run."""
-        from safetensors.torch import load_file
-
         meta = ckpt.read_meta(path)
-        self.model.load_state_dict(load_file(str(Path(path) / ckpt.MODEL_FILE)), strict=True)
+        self.model.load_state_dict(ckpt.read_tensors(Path(path) / ckpt.MODEL_FILE), strict=True)
         tensors = ckpt.load_tensors(path, ckpt.OPTIM_FILE)
         scalars = ckpt.load_optimizer_scalars(path)
         if tensors is not None:
-            main = {k: v for k, v in tensors.items() if not k.startswith(ADVERSARY_OPTIM)}
-            self.optim.load_state_tensors(main, scalars)
+            self.optim.load_state_tensors(tensors, scalars)
         if self.adversary is not None:
             aux = ckpt.load_tensors(path, ckpt.AUX_FILE)
             if aux is not None:
                 self.adversary.load_weights(aux)
             if tensors is not None:
-                own = {k[len(ADVERSARY_OPTIM):]: v for k, v in tensors.items() if k.startswith(ADVERSARY_OPTIM)}
-                self.adversary.load_optimizer_tensors(own, scalars.get("adversary", {}))
+                self.adversary.load_optimizer_state(tensors, scalars.get("adversary", {}))
         self.step, self.best_score, self.best_step = meta.step, meta.best_score, meta.best_step
         self.history = list(meta.log)

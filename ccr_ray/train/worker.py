@@ -24,6 +24,7 @@ import torch
 
 from ccr_ray.data import schema
 from ccr_ray.data.pipeline import TRAIN_KEY
+from ccr_ray.ray_utils import quiet_worker_console
 from ccr_ray.train import loop
 from ccr_ray.train.plan import WorkerSpec
 from ccr_ray.train.state import TrainState
@@ -82,6 +83,8 @@ def train_loop_per_worker(config: dict) -> None:
 
 def run_worker(spec: WorkerSpec, on_step: Callable[[TrainState, dict], None] | None = None) -> None:
     cfg = spec.cfg
+    if not cfg.run.verbose:
+        quiet_worker_console()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     threads = cfg.scaling.torch_threads or default_torch_threads(os.cpu_count() or 1, cfg.data.max_cpus,
@@ -124,17 +127,59 @@ def run_worker(spec: WorkerSpec, on_step: Callable[[TrainState, dict], None] | N
         if verbose:
             progress.info(f"[{name}] before training: mean mR {metrics['val/mR']:.2f}")
 
+    bar = ProgressBar(name, state.step, cfg.train.max_steps) if rank == 0 else None
+
     def log_progress(state: TrainState, record: dict) -> None:
+        if bar is not None:
+            bar.log(record)
         if verbose:
             progress.info(loop.format_progress(name, state.step, cfg.train.max_steps, record))
 
-    loop.run(state, batches, on_log=log_progress, on_eval=_reporter(spec, val_table, rank, verbose),
-             on_step=on_step)
+    def stepped(state: TrainState, metrics: dict) -> None:
+        if bar is not None:
+            bar.step()
+        if on_step is not None:
+            on_step(state, metrics)
+
+    loop.run(state, batches, on_log=log_progress, on_eval=_reporter(spec, val_table, rank, verbose, bar),
+             on_step=stepped)
+    if bar is not None:
+        bar.close()
     if verbose:
         progress.info(f"[{name}] done: {cfg.train.max_steps} steps in {time.perf_counter() - started:.1f}s")
 
 
-def _reporter(spec: WorkerSpec, val_table, rank: int, verbose: bool) -> Callable[[TrainState], None]:
+class ProgressBar:
+    """One bar per stage on the driver's console (Ray's tqdm_ray: the worker sends the bar's state, the driver
+    draws it): steps, ETA, and in its description the last loss, samples/s and validation mR."""
+
+    def __init__(self, stage: str, step: int, total: int):
+        from ray.experimental.tqdm_ray import tqdm
+
+        self.stage, self.last, self.val = stage, "", ""
+        self.bar = tqdm(desc=stage, total=total, unit="step")
+        self.bar.n = step  # a resumed run starts where its checkpoint left off
+
+    def step(self) -> None:
+        self.bar.update(1)
+
+    def log(self, record: dict) -> None:
+        self.last = f"loss {record['loss']:.4f} | {record['samples_per_s']:.0f} samples/s"
+        self._describe()
+
+    def validated(self, mean_mr: float) -> None:
+        self.val = f" | val mR {mean_mr:.1f}"
+        self._describe()
+
+    def _describe(self) -> None:
+        self.bar.set_description(f"{self.stage} {self.last}{self.val}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _reporter(spec: WorkerSpec, val_table, rank: int, verbose: bool, bar: ProgressBar | None = None
+              ) -> Callable[[TrainState], None]:
     """on_eval: rank 0 validates, logs and reports with a checkpoint; the other ranks report without one."""
 
     def report(state: TrainState) -> None:
@@ -145,6 +190,8 @@ def _reporter(spec: WorkerSpec, val_table, rank: int, verbose: bool) -> Callable
         if val_table is not None:
             start = time.perf_counter()
             metrics.update(state.validate(val_table, spec.dataset_root))
+            if bar is not None:
+                bar.validated(metrics["val/mR"])
             if verbose:
                 per_lang = " ".join(f"{k.split('/')[-1]} {v:.1f}" for k, v in metrics.items()
                                     if k.startswith("val/mR/"))

@@ -24,7 +24,7 @@ def load_cli(name: str):
 
 
 def make_checkpoint(data: str, folder: Path, stage: str, **sections) -> str:
-    from ccr_ray.config import resolve_config
+    from ccr_ray.stages import resolve_config
     from ccr_ray.train.state import TrainState
 
     cfg = resolve_config(stage, micro_config(data, str(folder.parent / "home"), languages=LANGS, **sections))

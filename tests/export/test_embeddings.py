@@ -16,9 +16,9 @@ import torch
 from ccr_ray import runtime as rt
 from ccr_ray.data import schema
 from ccr_ray.eval.evaluate import evaluate_checkpoint
-from ccr_ray.export.embeddings import EMBEDDING_SCHEMA, EmbedError, embed_table, read_embeddings
-from ccr_ray.export.evaluate import evaluate_embeddings
-from ccr_ray.export.search import ImageIndex, search
+from ccr_ray.inference.embeddings import EMBEDDING_SCHEMA, EmbedError, embed_table, read_embeddings
+from ccr_ray.inference.evaluate import evaluate_embeddings
+from ccr_ray.inference.search import ImageIndex, search
 from tests.export.conftest import LANGS, load_cli
 
 pytestmark = pytest.mark.ray
@@ -72,7 +72,7 @@ def test_evaluation_from_embeddings_equals_pytorch(embeddings, mla_ckpt, micro_d
 def test_folds_are_scored_per_fold(mla_export, micro_data):
     """COCO-style k-fold splits: the embeddings carry the fold and the evaluation averages over folds."""
     from ccr_ray.eval.retrieval import score_language
-    from ccr_ray.export.evaluate import language_arrays
+    from ccr_ray.inference.evaluate import language_arrays
 
     table = schema.read_split_table(micro_data, "test", ["de"]).slice(0, 16)
     folds = np.repeat([0, 1], 8).astype(np.int16)
@@ -85,9 +85,9 @@ def test_folds_are_scored_per_fold(mla_export, micro_data):
 
 
 def test_search_equals_ranking_by_pytorch_features(embeddings, mla_export, mla_ckpt, micro_data, capsys):
+    from ccr_ray.checkpoint import load_checkpoint, tokenizer_of
     from ccr_ray.data.transforms import ImageTransform
     from ccr_ray.eval.retrieval import encode_captions, encode_images
-    from ccr_ray.train.checkpoint import load_checkpoint, tokenizer_of
 
     model, meta = load_checkpoint(mla_ckpt)
     model.eval()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ccr_ray import runtime as rt
+from ccr_ray.checkpoint import load_checkpoint
 from ccr_ray.export.onnx_export import (
     PARITY_THRESHOLD,
     ExportError,
@@ -21,7 +22,6 @@ from ccr_ray.export.onnx_export import (
     resolve_plan,
 )
 from ccr_ray.export.probes import build_probes
-from ccr_ray.train.checkpoint import load_checkpoint
 from tests.export.conftest import LANGS, load_cli, make_checkpoint
 
 

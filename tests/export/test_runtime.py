@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 
@@ -15,9 +16,9 @@ from PIL import Image
 from torch.nn import functional as F
 
 from ccr_ray import runtime as rt
+from ccr_ray.checkpoint import load_checkpoint, tokenizer_of
 from ccr_ray.data.preprocess import tokenize_captions
 from ccr_ray.data.transforms import ImageTransform
-from ccr_ray.train.checkpoint import load_checkpoint, tokenizer_of
 from tests.conftest import REPO
 
 BLOCKER = """
@@ -32,6 +33,7 @@ sys.meta_path.insert(0, Block())
 
 RUN = """
 import json
+import shutil
 from PIL import Image
 from ccr_ray.runtime import Encoder
 enc = Encoder(sys.argv[1])
@@ -157,3 +159,15 @@ def rt_copy(folder, dst, drop_int8=False):
         manifest["graphs"] = {k: v for k, v in manifest["graphs"].items() if not k.endswith(rt.INT8_SUFFIX)}
         (dst / rt.MANIFEST).write_text(json.dumps(manifest))
     return dst
+
+
+def test_a_truncated_onnx_graph_names_the_file(mla_export, tmp_path):
+    from ccr_ray.runtime import Encoder, ModelFolderError
+
+    folder = tmp_path / "onnx"
+    shutil.copytree(mla_export, folder)
+    graph = folder / "text_encoder.onnx"
+    graph.write_bytes(graph.read_bytes()[:1000])
+    encoder = Encoder(folder)
+    with pytest.raises(ModelFolderError, match="text_encoder.onnx: cannot load the text graph"):
+        encoder.encode_text(["ein roter Kreis"], "de")

@@ -77,7 +77,7 @@ def train_fn(config):
 
 
 def config_for(stage, micro_data, tmp_path):
-    from ccr_ray.config import resolve_config
+    from ccr_ray.stages import resolve_config
 
     return resolve_config(stage, micro_config(micro_data, str(tmp_path), optim={"lr": 1e-2, "warmup": 0.0},
                                               train={"batch_size": GLOBAL_BATCH, "max_steps": STEPS})).to_dict()

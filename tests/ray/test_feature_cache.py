@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from ccr_ray.config import resolve_config
+from ccr_ray.stages import resolve_config
 from tests.conftest import micro_config
 
 pytestmark = pytest.mark.ray
@@ -27,7 +27,7 @@ def write_config(tmp_path, micro_data, cache: bool):
 def test_cache_built_by_actors_gives_the_same_training_run(ray_local, micro_data, tmp_path, capsys):
     import cache_features
 
-    from ccr_ray.data import feature_cache as fc
+    from ccr_ray.features import encoder, keys, store
     from ccr_ray.train.driver import run_stage
     from ccr_ray.train.plan import plan_stage
     from ccr_ray.train.state import TrainState
@@ -49,18 +49,18 @@ def test_cache_built_by_actors_gives_the_same_training_run(ray_local, micro_data
     # the actor pool wrote what one in-process encoder writes, row for row
     plan = plan_stage(resolve_config("cma", with_cache)).feature_cache
     assert plan.status.valid
-    built_at = (plan.folder / fc.CACHE_FILE).stat().st_mtime_ns
-    reference = fc.build_cache_in_process(fc.CacheRequest(**{**plan.request.__dict__,
+    built_at = (plan.folder / store.CACHE_FILE).stat().st_mtime_ns
+    reference = encoder.build_cache_in_process(keys.CacheRequest(**{**plan.request.__dict__,
                                                              "cache_dir": str(tmp_path / "reference")}), plan.key)
-    ours, theirs = fc.read_cache_table(plan.folder), fc.read_cache_table(reference.folder)
+    ours, theirs = store.read_cache_table(plan.folder), store.read_cache_table(reference.folder)
     assert ours.column("image_id").equals(theirs.column("image_id"))
-    for col in (fc.IMAGE_EMBEDDING, fc.TEXT_EN_EMBEDDINGS):
+    for col in (store.IMAGE_EMBEDDING, store.TEXT_EN_EMBEDDINGS):
         assert ours.schema.field(col).type == theirs.schema.field(col).type
         np.testing.assert_allclose(np.array(ours.column(col).to_pylist()), np.array(theirs.column(col).to_pylist()),
                                    atol=1e-5)
 
     cached_run = run_stage(plan_stage(resolve_config("cma", with_cache)), publish=False)
-    assert (plan.folder / fc.CACHE_FILE).stat().st_mtime_ns == built_at  # valid: used, not rebuilt
+    assert (plan.folder / store.CACHE_FILE).stat().st_mtime_ns == built_at  # valid: used, not rebuilt
     image_run = run_stage(plan_stage(resolve_config("cma", without)), publish=False)
     assert cached_run.run_path != image_run.run_path
     events = lambda result: [r for r in result.history if r.get("event") == "feature_cache"]  # noqa: E731

@@ -70,7 +70,7 @@ def submit(address, env, *job, extra_env=None, timeout=600):
 
 
 def test_job_submit_with_token_trains_le_and_without_is_refused(head, micro_data, tmp_path):
-    from ccr_ray.config import resolve_config
+    from ccr_ray.stages import resolve_config
     from ccr_ray.train.state import TrainState
 
     address, env, home = head

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from ccr_ray.config import resolve_config
-from ccr_ray.train import checkpoint as ckpt
+from ccr_ray import checkpoint as ckpt
+from ccr_ray.stages import resolve_config
 from tests.conftest import micro_config
 
 pytestmark = pytest.mark.ray

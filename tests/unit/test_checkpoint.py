@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from ccr_ray.train import checkpoint as ckpt
+from ccr_ray import checkpoint as ckpt
 from ccr_ray.train import loop
 from ccr_ray.train.state import TrainState
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from ccr_ray.config import PACKAGED_CONFIGS, ConfigError, ExperimentConfig, parse_overrides, resolve_config
-from ccr_ray.stages import STAGES
+from ccr_ray.config import PACKAGED_CONFIGS, ConfigError, ExperimentConfig, parse_overrides
+from ccr_ray.stages import STAGES, resolve_config
 
 
 def test_precedence_defaults_stage_file_set_trial(tmp_path):

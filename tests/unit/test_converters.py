@@ -489,12 +489,13 @@ def test_shard_checks_images_embeds_bytes_and_counts_truncation(tmp_path):
 @pytest.fixture()
 def no_ray(monkeypatch):
     """Fails the test if the job reaches any Ray work."""
+    from ccr_ray import ray_utils
     from ccr_ray.data import ingest
 
     def boom(*a, **k):
         raise AssertionError("Ray work started")
 
-    monkeypatch.setattr(ingest, "ensure_ray", boom)
+    monkeypatch.setattr(ray_utils, "ensure_ray", boom)
     monkeypatch.setattr(ingest, "run_shards", boom)
 
 

@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 from ccr_ray.config import DASDConfig, ModelConfig
 from ccr_ray.losses import LossContext, compute_losses
-from ccr_ray.models.ccr import TokenizerInfo, build_model
+from ccr_ray.models.ccr import build_model
 from ccr_ray.models.dasd import (
     DASDAdapters,
     Discriminator,
@@ -17,6 +17,7 @@ from ccr_ray.models.dasd import (
     discriminator_loss,
     generator_loss,
 )
+from ccr_ray.tokenization import TokenizerInfo
 from ccr_ray.train.adversarial import Adversary
 from ccr_ray.train.state import TrainState
 from tests.conftest import MICRO_PRESET
@@ -45,8 +46,8 @@ def test_core_is_generated_per_caption_from_z_alone():
     model = dasd_model().eval()
     ids, mask = target_ids(2)
     with torch.no_grad():
-        x0 = model.embedding(ids, model.clip.positional_embedding)
-        _, _, z = model.adapters.disentangle(model, x0, ids, mask)
+        x0 = model.text_tower.embed(model.embedding(ids))
+        _, _, z = model.adapters.disentangle(model.text_tower, x0, ids, mask)
         cores = model.adapters.cores(z)
         again = model.adapters.cores(z.clone())
     assert len(cores) == model.num_layers and cores[0].shape == (2, 4, 4)
@@ -63,8 +64,8 @@ def test_sd_uses_exactly_the_first_two_blocks():
              enumerate(model.clip.transformer.resblocks)]
     ids, mask = target_ids(2)
     with torch.no_grad():
-        x0 = model.embedding(ids, model.clip.positional_embedding)
-        model.adapters.disentangle(model, x0, ids, mask)
+        x0 = model.text_tower.embed(model.embedding(ids))
+        model.adapters.disentangle(model.text_tower, x0, ids, mask)
     for h in hooks:
         h.remove()
     assert calls == [0, 1]
@@ -87,7 +88,7 @@ def test_sr_init_and_norm_switches():
     assert dasd_model().adapters.sr_projection.abs().sum() > 0  # initialised (public code: torch.empty)
     assert dasd_model(sr_init="zeros").adapters.sr_projection.abs().sum() == 0
     model = dasd_model(sr_init="copy_text_projection")
-    model.adapters.after_backbone_loaded(model.clip)
+    model.adapters.after_backbone_loaded(model.text_tower)
     assert torch.equal(model.adapters.sr_projection, model.clip.text_projection)
     frozen = dasd_model(train_sd_norms=False)
     trainable = {n for n, _ in frozen.set_trainable(["adapters"])}
@@ -122,7 +123,7 @@ def test_adversarial_pairs_and_losses_match_naive_formulas():
 
 
 def test_generator_term_reaches_s_a_not_the_discriminator():
-    adv = Adversary(8, DASDConfig(discriminator_hidden=[6]), torch.device("cpu"))
+    adv = Adversary(8, DASDConfig(discriminator_hidden=[6]), torch.device("cpu"), gold="text_en")
     s_a = torch.randn(4, 3, requires_grad=True)
     adv.generator_loss(s_a, torch.randn(4, 5)).backward()
     assert s_a.grad is not None and s_a.grad.abs().sum() > 0

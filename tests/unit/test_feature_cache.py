@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ccr_ray.config import resolve_config
-from ccr_ray.data import feature_cache as fc
 from ccr_ray.data import schema
 from ccr_ray.data.local import local_batches
 from ccr_ray.data.preprocess import PreprocessSpec, TrainPreprocessor, select_language
-from ccr_ray.stages import STAGES, Languages, Stage
+from ccr_ray.features import encoder, keys, store
+from ccr_ray.features import plan as cache_plan
+from ccr_ray.stages import STAGES, Languages, Stage, resolve_config
 from ccr_ray.train import loop
 from ccr_ray.train.loop import language_for_step
 from ccr_ray.train.state import TrainState, trim_padding
@@ -55,20 +55,20 @@ def plan_for(stage, micro_data, home, **sections):
 
 
 def build(plan):
-    return fc.ensure_cache(plan.feature_cache, lambda r, k: fc.build_cache_in_process(r, k, batch_size=48))
+    return cache_plan.ensure_cache(plan.feature_cache, lambda r, k: encoder.build_cache_in_process(r, k, batch_size=48))
 
 
 # ----------------------------------------------------------------------------------------------- what is cached
 
 
 def test_cacheable_inputs_follow_the_stage_table():
-    got = {name: fc.cacheable_inputs(stage) for name, stage in STAGES.items()}
+    got = {name: keys.cacheable_inputs(stage) for name, stage in STAGES.items()}
     assert got == {"clip": (), "finetune-en": (), "nlt": ("text_en",), "cla": ("text_en",), "le": ("image",),
                    "finetune-all": ("image",), "cma": ("image", "text_en")}
     partly = Stage(name="x", summary="", trains=("image_tower", "adapters"), losses={}, dataset="pretrain",
                    inputs=("image", "text_en", "text_target"), languages=Languages.TARGETS,
                    validation=Languages.TARGETS)
-    assert fc.cacheable_inputs(partly) == ("text_en",)  # a trained tower is never cached
+    assert keys.cacheable_inputs(partly) == ("text_en",)  # a trained tower is never cached
 
 
 def test_plan_says_when_the_cache_does_not_apply(micro_data, home):
@@ -113,12 +113,12 @@ def test_cache_rows_follow_the_dataset_and_hold_the_towers_features(micro_data, 
     plan = plan_for("cma", micro_data, home)
     info, action = build(plan)
     assert action in ("built", "used") and info.features == ("image", "text_en")
-    table = fc.read_cache_table(info.folder)
+    table = store.read_cache_table(info.folder)
     source = schema.read_split_table(micro_data, "train", with_images=False)
     assert table.column("image_id").equals(source.column("image_id"))
     assert table.column("captions_de").equals(source.column("captions_de"))
     assert len(info.files) == len(schema.split_files(micro_data, "train"))
-    assert table.schema.field(fc.IMAGE_EMBEDDING).type == pa.list_(pa.float32(), 32)
+    assert table.schema.field(store.IMAGE_EMBEDDING).type == pa.list_(pa.float32(), 32)
     # the stream's samples from the cache carry exactly what the frozen towers compute from the images/captions
     state = TrainState.create(plan.cfg, plan.tokenizer_dir, plan.parent, "cpu")
     plain, cached = specs(plan, info)
@@ -187,31 +187,31 @@ def perturbed_copy(src: Path, dst: Path, key: str) -> Path:
 
 def test_fingerprint_changes_with_weights_preprocessing_tokenizer_and_data(micro_data, home, tmp_path):
     base = plan_for("cma", micro_data, home).feature_cache.request
-    key = fc.cache_key(base)
+    key = keys.cache_key(base)
 
     def differs(**changes):
-        other = fc.cache_key(fc.CacheRequest(**{**base.__dict__, **changes}))
-        return fc.differing({"components": other.components}, key)
+        other = keys.cache_key(keys.CacheRequest(**{**base.__dict__, **changes}))
+        return store.differing({"components": other.components}, key)
 
     parent = Path(base.weights)
     visual = perturbed_copy(parent, tmp_path / "visual", "clip.visual.proj")
     text = perturbed_copy(parent, tmp_path / "text", "clip.text_projection")
     assert differs(weights=str(visual)) == ["image_tower"]
     assert differs(weights=str(text)) == ["text_tower"]
-    image_only = fc.CacheRequest(**{**base.__dict__, "features": ("image",)})
-    assert fc.cache_key(image_only).components["image_tower"] == key.components["image_tower"]
-    assert fc.cache_key(fc.CacheRequest(**{**image_only.__dict__, "weights": str(text)})) == fc.cache_key(image_only)
+    image_only = keys.CacheRequest(**{**base.__dict__, "features": ("image",)})
+    assert keys.cache_key(image_only).components["image_tower"] == key.components["image_tower"]
+    assert keys.cache_key(keys.CacheRequest(**{**image_only.__dict__, "weights": str(text)})) == keys.cache_key(image_only)
     assert differs(preprocess={**base.preprocess, "mean": [0.5, 0.5, 0.5]}) == ["preprocess"]
     assert differs(context_length=base.context_length - 1) == ["tokenizer"]
     assert differs(clip_cfg={**base.clip_cfg, "quick_gelu": False}, quick_gelu=False) == ["architecture"]
     assert differs(features=("image",)) == sorted(["features", "text_tower", "tokenizer"])
     data = tmp_path / "data"
     shutil.copytree(micro_data, data)  # copy2: sizes and mtimes kept, so the moved dataset keeps its cache
-    moved = fc.cache_key(fc.CacheRequest(**{**base.__dict__, "dataset_root": str(data)}))
+    moved = keys.cache_key(keys.CacheRequest(**{**base.__dict__, "dataset_root": str(data)}))
     assert moved == key
     shard = Path(schema.split_files(str(data), "train")[0])
     pq.write_table(pq.read_table(shard).slice(1), shard)  # the data changed
-    changed = fc.cache_key(fc.CacheRequest(**{**base.__dict__, "dataset_root": str(data)}))
+    changed = keys.cache_key(keys.CacheRequest(**{**base.__dict__, "dataset_root": str(data)}))
     assert changed.components["data"] != moved.components["data"]
     assert changed.fingerprint != key.fingerprint
 
@@ -222,56 +222,56 @@ def test_fingerprint_changes_with_weights_preprocessing_tokenizer_and_data(micro
 def test_a_stale_or_broken_cache_is_rebuilt_never_used(micro_data, home, tmp_path, caplog):
     cache_dir = str(tmp_path / "caches")
     plan = plan_for("le", micro_data, home, data={"feature_cache_dir": cache_dir}).feature_cache
-    first, action = fc.ensure_cache(plan, fc.build_cache_in_process)
+    first, action = cache_plan.ensure_cache(plan, encoder.build_cache_in_process)
     assert action == "built"
-    assert fc.ensure_cache(plan, fc.build_cache_in_process)[1] == "used"
+    assert cache_plan.ensure_cache(plan, encoder.build_cache_in_process)[1] == "used"
 
     # new weights for the frozen image tower (the parent was retrained): a different cache, the old one is stale
     nlt = Path(plan.request.weights)
     retrained = perturbed_copy(nlt, tmp_path / "nlt-retrained", "clip.visual.proj")
-    newer = fc.FeatureCachePlan(plan.features, fc.CacheRequest(**{**plan.request.__dict__, "weights": str(retrained)}))
-    newer.key = fc.cache_key(newer.request)
-    newer.status = fc.check_cache(newer.folder, newer.key)
+    newer = cache_plan.FeatureCachePlan(plan.features, keys.CacheRequest(**{**plan.request.__dict__, "weights": str(retrained)}))
+    newer.key = keys.cache_key(newer.request)
+    newer.status = store.check_cache(newer.folder, newer.key)
     assert newer.folder != first.folder and not newer.status.valid
-    assert not fc.check_cache(first.folder, newer.key).valid  # the old folder is never valid for the new inputs
+    assert not store.check_cache(first.folder, newer.key).valid  # the old folder is never valid for the new inputs
     with caplog.at_level(logging.WARNING):
-        second, action = fc.ensure_cache(newer, fc.build_cache_in_process)
+        second, action = cache_plan.ensure_cache(newer, encoder.build_cache_in_process)
     assert action == "built"
     assert f"{first.folder} is stale (image_tower changed)" in caplog.text
-    old = fc.read_cache_table(first.folder).column(fc.IMAGE_EMBEDDING).to_pylist()
-    new = fc.read_cache_table(second.folder).column(fc.IMAGE_EMBEDDING).to_pylist()
+    old = store.read_cache_table(first.folder).column(store.IMAGE_EMBEDDING).to_pylist()
+    new = store.read_cache_table(second.folder).column(store.IMAGE_EMBEDDING).to_pylist()
     assert np.abs(np.array(old) - np.array(new)).max() > 1e-4  # rebuilt from the new weights
 
     # a damaged cache under the right name: detected, rebuilt
     shard = Path(second.files[1])
     pq.write_table(pq.read_table(shard).slice(0, 3), shard)
-    assert "changed since it was written" in fc.check_cache(second.folder, newer.key).reason
+    assert "changed since it was written" in store.check_cache(second.folder, newer.key).reason
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        third, action = fc.ensure_cache(newer, fc.build_cache_in_process)
+        third, action = cache_plan.ensure_cache(newer, encoder.build_cache_in_process)
     assert action == "rebuilt" and "is invalid" in caplog.text
-    assert fc.check_cache(third.folder, newer.key).valid and third.rows == 256
+    assert store.check_cache(third.folder, newer.key).valid and third.rows == 256
     # a cache.json claiming another fingerprint, or missing: invalid
-    meta = json.loads((third.folder / fc.CACHE_FILE).read_text())
-    (third.folder / fc.CACHE_FILE).write_text(json.dumps({**meta, "fingerprint": "0" * 64}))
-    assert "built from other inputs" in fc.check_cache(third.folder, newer.key).reason
-    (third.folder / fc.CACHE_FILE).unlink()
-    assert "missing or unreadable" in fc.check_cache(third.folder, newer.key).reason
-    assert fc.ensure_cache(newer, fc.build_cache_in_process)[1] == "rebuilt"
+    meta = json.loads((third.folder / store.CACHE_FILE).read_text())
+    (third.folder / store.CACHE_FILE).write_text(json.dumps({**meta, "fingerprint": "0" * 64}))
+    assert "built from other inputs" in store.check_cache(third.folder, newer.key).reason
+    (third.folder / store.CACHE_FILE).unlink()
+    assert "missing or unreadable" in store.check_cache(third.folder, newer.key).reason
+    assert cache_plan.ensure_cache(newer, encoder.build_cache_in_process)[1] == "rebuilt"
     # pruning removes the stale cache of the old weights, keeps the current one
-    assert fc.prune_stale(newer.request, newer.key) == [first.folder]
-    assert not first.folder.exists() and fc.check_cache(newer.folder, newer.key).valid
+    assert store.prune_stale(newer.request, newer.key) == [first.folder]
+    assert not first.folder.exists() and store.check_cache(newer.folder, newer.key).valid
     assert not [p for p in Path(cache_dir).iterdir() if p.name.startswith(".")]  # no staging leftovers
 
 
 def test_writer_refuses_rows_out_of_order(micro_data, home, tmp_path):
     plan = plan_for("nlt", micro_data, home, data={"feature_cache_dir": str(tmp_path / "c")}).feature_cache
-    encoder = fc.FeatureEncoder(plan.request, expected=plan.key.components)
-    writer = fc.CacheWriter(plan.request, plan.key)
-    rows = pq.read_table(schema.split_files(micro_data, "train")[0], columns=fc.encoder_columns(plan.request))
-    encoded = encoder({c: rows.column(c).to_numpy(zero_copy_only=False) for c in rows.column_names})
+    features = encoder.FeatureEncoder(plan.request, expected=plan.key.components)
+    writer = store.CacheWriter(plan.request, plan.key)
+    rows = pq.read_table(schema.split_files(micro_data, "train")[0], columns=encoder.encoder_columns(plan.request))
+    encoded = features({c: rows.column(c).to_numpy(zero_copy_only=False) for c in rows.column_names})
     swapped = pa.concat_tables([encoded.slice(1, 1), encoded.slice(0, 1), encoded.slice(2)])
-    with pytest.raises(fc.CacheError, match="out of order"):
+    with pytest.raises(keys.CacheError, match="out of order"):
         writer.add(swapped)
     writer.abort()
     assert not plan.folder.exists() and not list(Path(tmp_path / "c").iterdir())
@@ -279,34 +279,34 @@ def test_writer_refuses_rows_out_of_order(micro_data, home, tmp_path):
 
 def test_encoder_checks_the_weights_it_loads(micro_data, home):
     plan = plan_for("le", micro_data, home).feature_cache
-    with pytest.raises(fc.CacheError, match="image_tower weights changed"):
-        fc.FeatureEncoder(plan.request, expected={"image_tower": "0" * 64})
+    with pytest.raises(keys.CacheError, match="image_tower weights changed"):
+        encoder.FeatureEncoder(plan.request, expected={"image_tower": "0" * 64})
 
 
 def test_an_undecodable_image_is_stored_as_null_and_skipped_like_without_the_cache(micro_data, home):
     plan = plan_for("le", micro_data, home).feature_cache
-    encoder = fc.FeatureEncoder(plan.request)
+    features = encoder.FeatureEncoder(plan.request)
     table = schema.read_split_table(micro_data, "train").slice(0, 3)
     rows = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
     rows["image"] = rows["image"].copy()
     rows["image"][1] = b"not an image"
-    encoded = encoder(rows)
-    assert encoded.column(fc.IMAGE_EMBEDDING).null_count == 1 and encoder.bad_images == 1
+    encoded = features(rows)
+    assert encoded.column(store.IMAGE_EMBEDDING).null_count == 1 and features.bad_images == 1
     common = dict(languages=("de",), inputs=("image", "text_target"), context_length=24,
                   tokenizer=os.path.join(micro_data, "tokenizer"))
     plain = TrainPreprocessor(PreprocessSpec(image=plan.request.preprocess, **common))
     cached = TrainPreprocessor(PreprocessSpec(image=None, cached=("image",), feature_dim=32, **common))
     a = plain(rows)
-    b = cached({**rows, fc.IMAGE_EMBEDDING: encoded.column(fc.IMAGE_EMBEDDING).to_numpy(zero_copy_only=False)})
+    b = cached({**rows, store.IMAGE_EMBEDDING: encoded.column(store.IMAGE_EMBEDDING).to_numpy(zero_copy_only=False)})
     assert a["pixels"].shape[0] == b["image_features"].shape[0] == 2
     assert np.array_equal(a["text_ids_de"], b["text_ids_de"]) and plain.bad_images == cached.bad_images == 1
 
 
 def test_vectors_reads_object_and_dense_columns():
-    dense, ok = fc.vectors(np.ones((2, 3), dtype=np.float64), 3)
+    dense, ok = store.vectors(np.ones((2, 3), dtype=np.float64), 3)
     assert dense.dtype == np.float32 and ok.all()
     obj = np.array([np.ones(3, dtype=np.float32), None], dtype=object)
-    values, ok = fc.vectors(obj, 3)
+    values, ok = store.vectors(obj, 3)
     assert ok.tolist() == [True, False] and values[1].sum() == 0 and values[0].sum() == 3
 
 
@@ -315,20 +315,20 @@ def test_cached_teacher_pairs_caption_slots_by_index(micro_data, home):
     the caption TrainPreprocessor would tokenize for the teacher."""
     stage_plan = plan_for("nlt", micro_data, home)
     plan = stage_plan.feature_cache
-    encoder = fc.FeatureEncoder(plan.request)
+    features = encoder.FeatureEncoder(plan.request)
     model = TrainState.create(stage_plan.cfg, stage_plan.tokenizer_dir, stage_plan.parent, "cpu").model.eval()
     obj = lambda values: np.array(values, dtype=object)  # noqa: E731
     rows = {"image_id": obj(["a", "b"]),
             "captions_en": obj([["a red circle", "a circle that is red", "red round"], ["a blue square"]]),
             "captions_de": obj([["ein roter Kreis", "ein Kreis, der rot ist", "rot rund"], ["ein blaues Quadrat"]]),
             "captions_zh": obj([["一个红色的圆形"], ["一个蓝色的正方形"]])}
-    encoded = encoder(rows)
-    assert [len(v) for v in encoded.column(fc.TEXT_EN_EMBEDDINGS).to_pylist()] == [3, 1]
+    encoded = features(rows)
+    assert [len(v) for v in encoded.column(store.TEXT_EN_EMBEDDINGS).to_pylist()] == [3, 1]
     common = dict(languages=("de", "zh"), inputs=("text_en", "text_target"), image=None, context_length=77,
                   tokenizer=os.path.join(micro_data, "tokenizer"))
     plain = TrainPreprocessor(PreprocessSpec(**common))(rows)
     cached = TrainPreprocessor(PreprocessSpec(cached=("text_en",), feature_dim=32, **common))(
-        {**rows, fc.TEXT_EN_EMBEDDINGS: encoded.column(fc.TEXT_EN_EMBEDDINGS).to_numpy(zero_copy_only=False)})
+        {**rows, store.TEXT_EN_EMBEDDINGS: encoded.column(store.TEXT_EN_EMBEDDINGS).to_numpy(zero_copy_only=False)})
     with torch.no_grad():
         for lang in ("de", "zh"):
             ids = trim_padding({"text_en_ids": torch.from_numpy(plain[f"text_en_ids_{lang}"])}, True)["text_en_ids"]

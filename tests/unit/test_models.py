@@ -7,9 +7,10 @@ import torch
 
 from ccr_ray.config import ModelConfig
 from ccr_ray.models import backbone
-from ccr_ray.models.ccr import CCRModel, TokenizerInfo, build_model
+from ccr_ray.models.ccr import CCRModel, build_model
 from ccr_ray.models.mla import MLAAdapters
 from ccr_ray.stages import STAGES
+from ccr_ray.tokenization import TokenizerInfo
 from tests.conftest import MICRO_PRESET
 
 TOKENS = TokenizerInfo(vocab_size=50, pad_id=0, cls_id=2, sep_id=3)

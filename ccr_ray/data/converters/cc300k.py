@@ -36,6 +36,7 @@ from ccr_ray.data.converters.records import (
     check_languages,
     decode_caption,
     iter_lines,
+    name_pairs,
     require_path,
 )
 
@@ -185,3 +186,22 @@ def _existing(path: str | None) -> set[str] | None:
     if not isinstance(data, list):
         raise InputError(f"--existing-ids: {path} must be a JSON list of image file names")
     return {os.path.basename(str(x)) for x in data}
+
+
+# --------------------------------------------------------------------------------------------- the CLI's view
+
+HELP = "UC2 translated CC3M TSVs"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--images", required=True)
+    parser.add_argument("--tsv-dir", default=None)
+    parser.add_argument("--tsv", action="append", default=[], metavar="LANG=FILE")
+    parser.add_argument("--top", type=int, default=300_000)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--existing-ids", default=None)
+
+
+def from_args(args, languages: list[str] | None) -> ParseResult:
+    return parse(args.images, args.tsv_dir, name_pairs(args.tsv, "--tsv"), languages, args.top, args.seed,
+                 args.existing_ids)

@@ -27,6 +27,7 @@ from ccr_ray.data.converters.records import (
     finish,
     iter_lines,
     load_name_list,
+    name_pairs,
     require_path,
 )
 
@@ -119,3 +120,22 @@ def _add(builder: SplitBuilder, key: str, by_n: dict[int, str], resolve: ImageRe
     builder.image(key, resolve(key), src)
     for n in sorted(by_n):
         builder.caption(key, language, by_n[n])
+
+
+# --------------------------------------------------------------------------------------------- the CLI's view
+
+HELP = "COCO-CN sentence files"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--captions", nargs="+", required=True)
+    parser.add_argument("--images", action="append", required=True)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--split-list", action="append", default=[], metavar="NAME=FILE")
+
+
+def from_args(args, languages: list[str] | None) -> ParseResult:
+    lang = languages or ["zh"]
+    if len(lang) != 1:
+        raise InputError("--languages: COCO-CN files hold one language (zh)")
+    return parse(args.captions, args.images, args.split, name_pairs(args.split_list, "--split-list") or None, lang[0])

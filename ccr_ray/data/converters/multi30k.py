@@ -28,6 +28,7 @@ from ccr_ray.data.converters.records import (
     SplitBuilder,
     add_parallel_captions,
     canonical_language,
+    csv_list,
     finish,
     is_known_language,
     read_image_list,
@@ -125,3 +126,19 @@ def _image_rows(builder: SplitBuilder, keys: list[LineKey], resolve: ImageResolv
         if lk.key is not None:
             builder.image(lk.key, resolve(lk.key), source)
     return keys
+
+
+# --------------------------------------------------------------------------------------------- the CLI's view
+
+HELP = "Multi30K raw text files"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--multi30k", required=True)
+    parser.add_argument("--images", action="append", required=True)
+    parser.add_argument("--no-task2", action="store_true", help="every language from task1 (1 caption, parallel)")
+    parser.add_argument("--splits", default=None)
+
+
+def from_args(args, languages: list[str] | None) -> ParseResult:
+    return parse(args.multi30k, args.images, languages, csv_list(args.splits), task2=not args.no_task2)

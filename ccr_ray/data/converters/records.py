@@ -403,3 +403,19 @@ def reject_unknown_language_lines(path: Path, code: str, split: str, rejects: li
         rejects.append(Reject(str(path), UNKNOWN_LANGUAGE, key=key, split=split, language=code, line=i,
                               detail=f"language code {code!r} is not one of {', '.join(KNOWN_LANGUAGES)}",
                               raw=raw))
+
+
+def csv_list(value: str | None) -> list[str] | None:
+    """"a,b" -> ["a", "b"] (a command-line list); None stays None."""
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def name_pairs(values: list[str], option: str) -> dict[str, str]:
+    """["NAME=FILE", ...] -> {NAME: FILE}; the message names the option."""
+    out = {}
+    for item in values:
+        if "=" not in item:
+            raise InputError(f"{option}: expected NAME=FILE, got {item!r}")
+        name, path = item.split("=", 1)
+        out[name.strip()] = path
+    return out

@@ -35,6 +35,7 @@ from ccr_ray.data.converters.records import (
     SplitBuilder,
     canonical_language,
     check_caption,
+    csv_list,
     finish,
     image_file_of,
     is_known_language,
@@ -227,3 +228,21 @@ class _Rejecter:
         self.rejects.append(Reject(source or self.source, reason, key=self.key, split=self.split,
                                    language=self.lang, captions=self.captions if n is None else n,
                                    detail=detail, raw=raw))
+
+
+# --------------------------------------------------------------------------------------------- the CLI's view
+
+HELP = "MLA/DASD path JSON + caption JSON + .npy splits"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--path-json", action="append", required=True)
+    parser.add_argument("--data-root", default=None, help="local folder that replaces the authors' dataset/ prefix")
+    parser.add_argument("--path-prefix", action="append", default=None,
+                        help="absolute prefix to replace with --data-root (default: the released files' prefix)")
+    parser.add_argument("--splits", default=None)
+
+
+def from_args(args, languages: list[str] | None) -> ParseResult:
+    prefixes = tuple(args.path_prefix) if args.path_prefix else AUTHOR_PREFIXES
+    return parse(args.path_json, args.data_root, prefixes, languages, csv_list(args.splits))

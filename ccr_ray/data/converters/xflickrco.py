@@ -29,6 +29,7 @@ from ccr_ray.data.converters.records import (
     SplitBuilder,
     canonical_language,
     check_caption,
+    csv_list,
     finish,
     is_known_language,
     iter_lines,
@@ -133,3 +134,17 @@ def _parse_file(path: Path, lang: str, code: str, builder: SplitBuilder, first_o
             else:
                 builder.caption(key, lang, text)
 
+
+# --------------------------------------------------------------------------------------------- the CLI's view
+
+HELP = "IGLUE xFlickr&CO JSON lines"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--xflickrco", required=True)
+    parser.add_argument("--images", action="append", required=True)
+    parser.add_argument("--splits", default=None)
+
+
+def from_args(args, languages: list[str] | None) -> ParseResult:
+    return parse(args.xflickrco, args.images, languages, csv_list(args.splits))

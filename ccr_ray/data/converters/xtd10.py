@@ -76,3 +76,17 @@ def parse(root: str, image_dirs: list[str], languages: list[str] | None = None) 
     records = finish([builder], rejects)
     return ParseResult(name="XTD10", source=f"ccr_ray.data.converters.xtd10 {root_path}", records=records,
                        rejects=rejects, inputs={"xtd10": str(root_path), "images": list(image_dirs)})
+
+
+# --------------------------------------------------------------------------------------------- the CLI's view
+
+HELP = "XTD10 caption files"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--xtd10", required=True)
+    parser.add_argument("--images", action="append", required=True)
+
+
+def from_args(args, languages: list[str] | None) -> ParseResult:
+    return parse(args.xtd10, args.images, languages)

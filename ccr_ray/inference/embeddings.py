@@ -35,6 +35,8 @@ import pyarrow as pa
 from ccr_ray import runtime as rt
 from ccr_ray.data import schema
 from ccr_ray.data.transforms import open_image
+from ccr_ray.ray_utils import ensure_ray, read_parquet_blocks
+from ccr_ray.storage import swap_in
 
 log = logging.getLogger(__name__)
 
@@ -167,21 +169,14 @@ def embed_dataset(model_dir: str, data: str, out: str, split: str = "test", lang
     import ray
     import ray.data
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+    ensure_ray(log_to_driver=False)
     started = time.perf_counter()
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = progress
     columns = [schema.IMAGE_ID, schema.FOLD, schema.IMAGE, schema.IMAGE_PATH, *map(schema.captions_column, langs)]
-    # The V2 Parquet reader makes one block of a small file, which one actor would then embed alone; the V1
-    # reader splits files into row groups, so every actor of the pool gets work (same choice as the training
-    # pipeline, data/pipeline.py).
-    previous, context.use_datasource_v2 = context.use_datasource_v2, False
-    try:
-        ds = ray.data.read_parquet(files, columns=columns, num_cpus=cpus_per_actor,
-                                   override_num_blocks=max(len(files), BLOCKS_PER_ACTOR * concurrency))
-    finally:
-        context.use_datasource_v2 = previous
+    # row-group blocks (V1 reader), so every actor of the pool gets work
+    ds = read_parquet_blocks(files, columns=columns, num_cpus=cpus_per_actor,
+                             override_num_blocks=max(len(files), BLOCKS_PER_ACTOR * concurrency))
     ds = ds.map_batches(EmbedBatch, fn_constructor_kwargs={
         "model_dir": str(Path(model_dir).resolve()), "languages": langs, "dataset_root": str(Path(data).resolve()),
         "precision": precision, "threads": max(1, int(cpus_per_actor))},
@@ -201,11 +196,7 @@ def embed_dataset(model_dir: str, data: str, out: str, split: str = "test", lang
                    "seconds": round(time.perf_counter() - started, 2), "actors": concurrency,
                    "cpus_per_actor": cpus_per_actor}
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2))
-        if out_path.exists():
-            old = out_path.with_name(f".{out_path.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(out_path, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, out_path)
+        swap_in(tmp, out_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

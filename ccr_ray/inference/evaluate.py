@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ccr_ray.export.embeddings import (
+from ccr_ray.inference.embeddings import (
     CAPTION_INDEX,
     FOLD,
     ID,

@@ -1,4 +1,5 @@
-"""Shared bits of the job CLIs (argument helpers, error reporting). Not a job itself."""
+"""What every CLI in jobs/ and export/ shares: error reporting, the quiet defaults for Ray, the recall table
+printer. Importable as a library module, so the CLIs need no path tricks."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-# Real caption text shipped beside the repository (../shared/data); optional everywhere.
-SHARED_DATA = Path(os.environ.get("CCR_RAY_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+# Real caption text shipped beside a checkout of the repository (../shared/data); optional everywhere.
+SHARED_DATA = Path(os.environ.get("CCR_RAY_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def fail(message: str, code: int = 2) -> int:

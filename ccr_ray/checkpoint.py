@@ -8,8 +8,8 @@
     state.json              stage, step, validation metrics, best score so far, training log
     tokenizer/              copy of the non-English tokenizer folder
 
-`save_checkpoint` writes into a temporary sibling folder and swaps it in with renames, so a reader never
-sees a half-written checkpoint.
+`save_checkpoint` writes into a temporary sibling folder and swaps it in with renames (storage.staged_folder), so
+a reader never sees a half-written checkpoint.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ccr_ray.config import ExperimentConfig
-from ccr_ray.models.ccr import CCRModel, TokenizerInfo, build_model
+from ccr_ray.models.ccr import CCRModel, build_model
+from ccr_ray.storage import staged_folder
+from ccr_ray.tokenization import TokenizerInfo
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -70,11 +71,7 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def save_checkpoint(path: str | os.PathLike, model: CCRModel, meta: CheckpointMeta, tokenizer_dir: str | None = None,
                     aux: dict[str, torch.Tensor] | None = None, optimizer: dict[str, torch.Tensor] | None = None,
                     optimizer_scalars: dict | None = None) -> Path:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+    with staged_folder(path) as tmp:
         save_file(_contiguous(model.state_dict()), str(tmp / MODEL_FILE), metadata={"format": "ccr_ray"})
         if aux:
             save_file(_contiguous(aux), str(tmp / AUX_FILE))
@@ -88,33 +85,15 @@ def save_checkpoint(path: str | os.PathLike, model: CCRModel, meta: CheckpointMe
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         if tokenizer_dir and Path(tokenizer_dir).is_dir():
             shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
-        swap_in(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
-def swap_in(tmp: Path, target: Path) -> None:
-    """Replace folder `target` by the finished folder `tmp` with renames (readers see old or new, never half)."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return Path(path)
 
 
 def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, drop_optimizer: bool = True) -> Path:
     """Copy a checkpoint folder atomically (the stage output is a copy of the selected Ray checkpoint)."""
-    src, dst = Path(src), Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
     ignore = shutil.ignore_patterns(OPTIM_FILE) if drop_optimizer else None
-    shutil.copytree(src, tmp, ignore=ignore)
-    swap_in(tmp, dst)
-    return dst
+    with staged_folder(dst) as tmp:
+        shutil.copytree(src, tmp, ignore=ignore, dirs_exist_ok=True)
+    return Path(dst)
 
 
 def read_meta(path: str | os.PathLike) -> CheckpointMeta:
@@ -122,8 +101,11 @@ def read_meta(path: str | os.PathLike) -> CheckpointMeta:
     for name in (MODEL_FILE, CONFIG_FILE, STATE_FILE):
         if not (folder / name).exists():
             raise CheckpointError(f"{folder}: not a ccr-ray checkpoint (missing {name})")
-    config = json.loads((folder / CONFIG_FILE).read_text())
-    state = json.loads((folder / STATE_FILE).read_text())
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        state = json.loads((folder / STATE_FILE).read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{folder}: malformed {CONFIG_FILE} or {STATE_FILE} ({err})") from None
     return CheckpointMeta(config=config["experiment"], clip_cfg=config["clip_cfg"], tokens=config["tokens"],
                           preprocess=config["preprocess"], stage=state["stage"], step=state["step"],
                           metrics=state.get("metrics", {}), best_score=state.get("best_score"),
@@ -135,19 +117,28 @@ def tokenizer_of(path: str | os.PathLike) -> str | None:
     return str(folder) if folder.is_dir() else None
 
 
+def read_tensors(file: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A safetensors file; a truncated or corrupt one is a CheckpointError naming the file, not a traceback."""
+    try:
+        return load_file(str(file))
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: no such file") from None
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+        raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt? {err})") from None
+
+
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[CCRModel, CheckpointMeta]:
     """Rebuild the model from the folder alone and load its weights (strict)."""
     meta = read_meta(path)
     cfg = meta.experiment
     model = build_model(cfg.model, TokenizerInfo(**meta.tokens), clip_cfg=meta.clip_cfg)
-    state = load_file(str(Path(path) / MODEL_FILE))
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(read_tensors(Path(path) / MODEL_FILE), strict=True)
     return model.to(device), meta
 
 
 def load_tensors(path: str | os.PathLike, name: str) -> dict[str, torch.Tensor] | None:
     file = Path(path) / name
-    return load_file(str(file)) if file.exists() else None
+    return read_tensors(file) if file.exists() else None
 
 
 def load_optimizer_scalars(path: str | os.PathLike) -> dict:
@@ -161,7 +152,7 @@ def load_weights_into(model: CCRModel, path: str | os.PathLike, inherit: str = "
     inherit="all": every weight the parent has; adapters for languages the parent lacks stay freshly
     initialised (reported), parent weights the child has no place for are ignored (reported).
     """
-    state = load_file(str(Path(path) / MODEL_FILE))
+    state = read_tensors(Path(path) / MODEL_FILE)
     if inherit == "backbone":
         state = {k: v for k, v in state.items() if k.startswith("clip.")}
     own = model.state_dict()

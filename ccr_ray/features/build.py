@@ -21,21 +21,13 @@ import math
 import time
 from collections.abc import Callable
 
-import ray
-import ray.data
-
 from ccr_ray.config import DataConfig
 from ccr_ray.data import schema
-from ccr_ray.data.feature_cache import (
-    CacheInfo,
-    CacheKey,
-    CacheRequest,
-    CacheWriter,
-    FeatureCachePlan,
-    FeatureEncoder,
-    encoder_columns,
-    ensure_cache,
-)
+from ccr_ray.features.encoder import FeatureEncoder, encoder_columns
+from ccr_ray.features.keys import CacheKey, CacheRequest
+from ccr_ray.features.plan import FeatureCachePlan, ensure_cache
+from ccr_ray.features.store import CacheInfo, CacheWriter
+from ccr_ray.ray_utils import read_parquet_blocks
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +39,7 @@ def build_feature_cache(request: CacheRequest, key: CacheKey, data: DataConfig, 
     files = schema.split_files(request.dataset_root, request.split)
     writer = CacheWriter(request, key)
     started = time.perf_counter()
-    context = ray.data.DataContext.get_current()
-    previous = context.use_datasource_v2
-    # the V1 reader splits files into several blocks, so the actors get work before a whole file is read
-    context.use_datasource_v2 = False
-    try:
-        ds = ray.data.read_parquet(files, columns=encoder_columns(request), num_cpus=data.task_cpus)
-    finally:
-        context.use_datasource_v2 = previous
+    ds = read_parquet_blocks(files, columns=encoder_columns(request), num_cpus=data.task_cpus)
     ds = ds.map_batches(
         FeatureEncoder,
         fn_constructor_kwargs={"request": request, "expected": key.components,

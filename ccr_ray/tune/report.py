@@ -1,0 +1,205 @@
+"""A sweep's results from its folder alone (JSON files, no Ray, no unpickling): the trial table, `trials.csv`,
+`best.json` and the plots. `jobs/tune.py` renders them when a sweep ends; `--report SWEEP_DIR` re-renders them.
+
+    {home}/sweeps/{name}/
+        sweep.json              what was swept (stage, base config, space, search, scheduler) and its timings
+        tune/<trial folder>/    Ray Tune's: params.json (the trial's values), result.json (one line per validation)
+        trials/<trial id>/      ours: events.jsonl (start / end of each attempt, seconds of training) and, for a
+                                trial that ran to its last step, the published stage output (checkpoint/, ...)
+        train/                  the trials' Ray Train runs (resumable checkpoints)
+        trials.csv, best.json, sweep_values.png, sweep_curves.png
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SWEEP_FILE = "sweep.json"
+EVENTS_FILE = "events.jsonl"
+METRIC = "val/mR"
+COMPLETED, STOPPED, ERROR, UNFINISHED = "completed", "stopped early", "error", "unfinished"
+
+
+@dataclass
+class TrialRecord:
+    trial_id: str
+    values: dict[str, Any]  # the swept values
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, val/mR) per validation report
+    status: str = UNFINISHED
+    checkpoint: str | None = None  # the published checkpoint of a completed trial
+    last_checkpoint: str | None = None  # the last checkpoint Ray Train reported (also for stopped trials)
+    attempts: int = 0  # how many times the trial's driver started (1 unless the sweep was resumed mid-trial)
+    train_seconds: float = 0.0  # wall seconds inside run_stage, over all attempts (completed trials)
+    tune_seconds: float = 0.0  # the trial's running time as Tune measured it at its last report
+
+    @property
+    def seconds(self) -> float:
+        """The trial's own time: run_stage's when it completed, else up to its last report (ASHA stops it there)."""
+        return self.train_seconds or self.tune_seconds
+
+    @property
+    def best(self) -> float:
+        return max((v for _, v in self.curve), default=float("nan"))
+
+    @property
+    def steps(self) -> int:
+        return max((s for s, _ in self.curve), default=0)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a killed process
+    return rows
+
+
+def read_sweep(sweep_dir: str | Path) -> dict:
+    path = Path(sweep_dir) / SWEEP_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{sweep_dir}: not a sweep folder (no {SWEEP_FILE})")
+    return json.loads(path.read_text())
+
+
+def collect_trials(sweep_dir: str | Path) -> list[TrialRecord]:
+    sweep_dir = Path(sweep_dir)
+    meta = read_sweep(sweep_dir)
+    finished = bool(meta.get("finished"))
+    records: dict[str, TrialRecord] = {}
+    for params_file in sorted((sweep_dir / "tune").glob("*/params.json")):
+        folder = params_file.parent
+        results = read_jsonl(folder / "result.json")
+        trial_id = next((r["trial_id"] for r in results if "trial_id" in r), None)
+        if trial_id is None:
+            trial_id = _trial_id_from_events(sweep_dir, folder) or folder.name
+        record = records.setdefault(trial_id, TrialRecord(trial_id, json.loads(params_file.read_text())))
+        for row in results:
+            if METRIC in row and "step" in row:
+                record.curve.append((int(row["step"]), float(row[METRIC])))
+            if row.get("checkpoint_path"):
+                record.last_checkpoint = row["checkpoint_path"]
+            record.tune_seconds = max(record.tune_seconds, float(row.get("time_total_s", 0.0)))
+        if (folder / "error.txt").is_file():
+            record.status = ERROR
+    for record in records.values():
+        record.curve = sorted(dict(record.curve).items())
+        ours = sweep_dir / "trials" / record.trial_id
+        events = read_jsonl(ours / EVENTS_FILE)
+        record.attempts = sum(1 for e in events if e.get("event") == "start")
+        record.train_seconds = sum(float(e.get("seconds", 0.0)) for e in events if e.get("event") == "end")
+        if any(e.get("event") == "end" for e in events):
+            record.status = COMPLETED
+            if (ours / "checkpoint").is_dir():
+                record.checkpoint = str(ours / "checkpoint")
+        elif record.status != ERROR and finished:
+            record.status = STOPPED  # Tune ended the sweep and the trial never reached its last step: ASHA
+    return sorted(records.values(), key=lambda r: r.trial_id)
+
+
+def _trial_id_from_events(sweep_dir: Path, folder: Path) -> str | None:
+    for events in (sweep_dir / "trials").glob(f"*/{EVENTS_FILE}"):
+        if any(e.get("tune_dir") == folder.name for e in read_jsonl(events)):
+            return events.parent.name
+    return None
+
+
+def best_trial(records: list[TrialRecord]) -> TrialRecord | None:
+    scored = [r for r in records if not math.isnan(r.best)]
+    return max(scored, key=lambda r: r.best) if scored else None
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def trial_table(records: list[TrialRecord], keys: list[str]) -> str:
+    header = ["trial", *keys, "best val mR", "steps", "stopped early"]
+    rows = [[r.trial_id, *(format_value(r.values.get(k)) for k in keys), f"{r.best:.2f}", str(r.steps),
+             "yes" if r.status == STOPPED else ("error" if r.status == ERROR else
+                                                "no" if r.status == COMPLETED else "unfinished")]
+            for r in records]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    return "\n".join([line, rule, *body])
+
+
+def next_commands(meta: dict, best: TrialRecord) -> list[str]:
+    """How to continue from the best trial: its child stages from its checkpoint, and evaluating it."""
+    from ccr_ray.stages import STAGES
+
+    checkpoint = best.checkpoint or best.last_checkpoint
+    config = meta.get("config_source") or "demo"
+    values = " ".join(f"--set {k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in best.values.items()
+                      if not k.startswith("optim.") and not k.startswith("loss."))
+    sets = " ".join(f"--set {o}" for o in meta.get("overrides", []))
+    out = []
+    for child in STAGES.values():
+        if child.parent == meta["stage"]:
+            out.append(f"python jobs/train_stage.py --stage {child.name} --config {config} {sets} {values} "
+                       f"--set run.init_from={checkpoint}".replace("  ", " "))
+    out.append(f"python jobs/evaluate.py {checkpoint}")
+    return out
+
+
+def render(sweep_dir: str | Path) -> str:
+    """Write trials.csv, best.json and the plots; return the printed summary."""
+    from ccr_ray.plots import plot_sweep_curves, plot_sweep_values
+
+    sweep_dir = Path(sweep_dir)
+    meta = read_sweep(sweep_dir)
+    keys = list(meta.get("space", {}))
+    records = collect_trials(sweep_dir)
+    with open(sweep_dir / "trials.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["trial", *keys, "best_val_mR", "steps", "status", "attempts", "seconds", "checkpoint"])
+        for r in records:
+            writer.writerow([r.trial_id, *(r.values.get(k) for k in keys), round(r.best, 4), r.steps, r.status,
+                             r.attempts, round(r.seconds, 1), r.checkpoint or r.last_checkpoint or ""])
+    lines = [f"sweep {meta['name']}: stage {meta['stage']}, {len(records)} trials, search {meta['search']}, "
+             f"scheduler {meta['scheduler']}", trial_table(records, keys)]
+    best = best_trial(records)
+    if best is not None:
+        config = _trial_config(meta, best)
+        summary = {"trial_id": best.trial_id, "score": best.best, "metric": METRIC, "values": best.values,
+                   "status": best.status, "checkpoint": best.checkpoint or best.last_checkpoint,
+                   "next": next_commands(meta, best), "config": config}
+        (sweep_dir / "best.json").write_text(json.dumps(summary, indent=2))
+        lines.append(f"best: trial {best.trial_id}, val mR {best.best:.2f} with "
+                     + ", ".join(f"{k}={format_value(v)}" for k, v in best.values.items()))
+        lines.append(f"checkpoint: {summary['checkpoint']}")
+        lines += ["continue with:", *(f"  {c}" for c in summary["next"])]
+    timing = meta.get("timing")
+    if timing and timing.get("trial_seconds"):
+        lines.append(f"sweep wall time {timing['wall_seconds']:.0f}s for {timing['trial_seconds']:.0f}s of trial "
+                     f"training ({timing['wall_seconds'] / timing['trial_seconds']:.2f}x)")
+    plot_sweep_values(records, meta.get("space", {}), sweep_dir / "sweep_values.png", title=meta["name"])
+    plot_sweep_curves(records, sweep_dir / "sweep_curves.png", title=meta["name"])
+    lines.append(f"wrote {sweep_dir / 'trials.csv'}, best.json, sweep_values.png, sweep_curves.png")
+    return "\n".join(lines)
+
+
+def _trial_config(meta: dict, record: TrialRecord) -> dict | None:
+    """The trial's resolved config: from its published checkpoint when it completed, else rebuilt."""
+    if record.checkpoint and (Path(record.checkpoint) / "config.json").is_file():
+        return json.loads((Path(record.checkpoint) / "config.json").read_text()).get("experiment")
+    try:
+        from ccr_ray.stages import resolve_config
+
+        return resolve_config(meta["stage"], meta["config"], meta.get("overrides", []), trial=record.values).to_dict()
+    except Exception:  # noqa: BLE001 - the report must render even if the config no longer resolves
+        return None
