@@ -5,21 +5,35 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup browser demo test lint bench clean
 
 setup: $(VENV)/.installed
 
-# CPU torch first and pinned (an unpinned torch pulls several GB of CUDA packages), then the package itself.
+# CPU torch first and pinned (an unpinned torch pulls several GB of CUDA packages), then the package with the
+# dev extras (train + serve + test tools; a serving box needs only `pip install -c constraints.txt '.[serve]'`).
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt torch torchvision
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
+# Chromium for the search-page test (tests/serve/test_search_page.py), from Debian packages: only where apt-get
+# exists, we are root and it is missing. Never fatal: without it that one test skips, saying why (the log).
+browser: setup
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing chromium (Debian package) for the search-page test"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	      > $(VENV)/.chromium-install.log 2>&1 \
+	      || echo "chromium could not be installed (see $(VENV)/.chromium-install.log)"; \
+	  else \
+	    echo "no apt-get or not root: chromium not installed" > $(VENV)/.chromium-install.log; \
+	  fi; }
+
 demo: setup
 	$(BIN)/python jobs/demo.py
 
-test: setup
+test: setup browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 lint: setup

@@ -1,11 +1,14 @@
 """Search images by text in any language the model knows: the query goes through the torch-free runtime,
-images are ranked by cosine against stored embeddings (export/embed.py output).
+images are ranked by cosine against an image index (export/build_index.py) or stored embeddings (export/embed.py).
 
 Usage:
-    python export/search.py --model DIR --embeddings OUT --lang de [--k 5] [--int8] [--json] QUERY [QUERY ...]
+    python export/search.py --model DIR (--index DIR | --embeddings OUT) --lang de [--k 5] [--int8] [--json]
+                            QUERY [QUERY ...]
 
     --model        an export folder (export/to_onnx.py)
-    --embeddings   an embeddings folder made with the same model (checked by fingerprint)
+    --index        an index folder (exact, ivf or hnsw) built from embeddings of the same model
+    --embeddings   an embeddings folder made with the same model, searched exactly
+                   (either is checked by model fingerprint)
     --lang         the queries' language (en, or one of the model's target languages)
 Prints, for each query, the top-k image ids with their cosine scores (--json: one JSON object per query).
 """
@@ -15,17 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-from _common import fail  # noqa: E402
+from ccr_ray.cli import fail
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("queries", nargs="+", metavar="QUERY")
     parser.add_argument("--model", required=True)
-    parser.add_argument("--embeddings", required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--index")
+    source.add_argument("--embeddings")
     parser.add_argument("--lang", required=True)
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--int8", action="store_true")
@@ -34,17 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.k < 1:
         return fail("--k must be >= 1")
 
-    from ccr_ray.export.embeddings import EmbedError
-    from ccr_ray.export.search import ImageIndex, search
+    from ccr_ray.inference.embeddings import EmbedError
+    from ccr_ray.inference.index import SearchIndexError
+    from ccr_ray.inference.search import ImageIndex, search
     from ccr_ray.runtime import Encoder, ModelFolderError
 
     try:
         encoder = Encoder(args.model, precision="int8" if args.int8 else "fp32")
-        index = ImageIndex.load(args.embeddings)
+        index = ImageIndex.load(args.index or args.embeddings)
         if args.lang not in encoder.languages:
             return fail(f"--lang: the model has no {args.lang!r} (it has {', '.join(encoder.languages)})")
         results = search(encoder, index, list(args.queries), args.lang, args.k)
-    except (EmbedError, ModelFolderError) as err:
+    except (EmbedError, ModelFolderError, SearchIndexError) as err:
         return fail(str(err))
     for query, hits in zip(args.queries, results):
         if args.json:

@@ -21,7 +21,9 @@ RAY_FREE = [
     "ccr_ray.checkpoint", "ccr_ray.tune.space", "ccr_ray.tune.report", "ccr_ray.config", "ccr_ray.stages", "ccr_ray.plots",
     # export: only export/embeddings.py (the batch-embedding job) touches Ray
     "ccr_ray.runtime", "ccr_ray.export.onnx_export", "ccr_ray.export.probes", "ccr_ray.export.quantize",
-    "ccr_ray.inference.search", "ccr_ray.inference.evaluate",
+    "ccr_ray.inference.search", "ccr_ray.inference.evaluate", "ccr_ray.inference.index",
+    # the retrieval service's core: Ray lives only in ccr_ray/serve/app.py (the Serve deployment)
+    "ccr_ray.serve", "ccr_ray.serve.service", "ccr_ray.serve.images", "ccr_ray.serve.page",
     # converters: parsing, image checks and shard writing; only ccr_ray.data.ingest runs them on Ray
     "ccr_ray.data.converters", "ccr_ray.data.converters.records", "ccr_ray.data.converters.shards",
     "ccr_ray.data.converters.report", "ccr_ray.data.converters.seeds", "ccr_ray.data.converters.cc300k",
@@ -185,6 +187,34 @@ def test_importing_them_loads_no_ray():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]", result.stdout
+
+
+# A serving install has no torch, open_clip or transformers: the service and the index must not import them.
+TORCH_FREE = ["ccr_ray.serve.app", "ccr_ray.serve.service", "ccr_ray.inference.index", "ccr_ray.inference.search"]
+TORCH_BLOCKER = """
+import sys
+BLOCKED = ("torch", "open_clip", "transformers", "torchvision", "timm", "safetensors")
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is blocked in this process")
+sys.meta_path.insert(0, Block())
+"""
+
+
+@pytest.mark.parametrize("module", TORCH_FREE)
+def test_serving_modules_import_without_torch(module):
+    code = TORCH_BLOCKER + f"import {module}\n" + \
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in BLOCKED))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout
+
+
+def test_the_torch_blocker_blocks():
+    result = subprocess.run([sys.executable, "-c", TORCH_BLOCKER + "import ccr_ray.export.onnx_export"],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0 and "blocked" in result.stderr
 
 
 def test_no_stage_branches_outside_the_stage_table():
