@@ -3,10 +3,13 @@
     model.safetensors       CCRModel state dict (everything needed for inference)
     aux.safetensors         training-only modules (DASD's discriminator); absent for MLA
     optimizer.safetensors   optimizer moving averages, for resuming (absent in exported stage outputs)
-    config.json             the resolved ExperimentConfig + the open_clip model config + tokenizer ids +
-                            image preprocessing, so the model rebuilds from this folder alone
+    config.json             the resolved ExperimentConfig + the open_clip model config (an HF text tower's config
+                            embedded) + tokenizer ids + image preprocessing, so the model rebuilds from this
+                            folder alone
     state.json              stage, step, validation metrics, best score so far, training log
     tokenizer/              copy of the non-English tokenizer folder
+    tokenizer_en/           copy of the English tokenizer, when it is an HF text tower's (CLIP's BPE ships with
+                            open_clip); the model config names it when the checkpoint is read
 
 `save_checkpoint` writes into a temporary sibling folder and swaps it in with renames (storage.staged_folder), so
 a reader never sees a half-written checkpoint.
@@ -29,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from ccr_ray.config import ExperimentConfig
 from ccr_ray.models.ccr import CCRModel, build_model
 from ccr_ray.storage import staged_folder
-from ccr_ray.tokenization import TokenizerInfo
+from ccr_ray.tokenization import TokenizerInfo, copy_tokenizer_files, english_tokenizer_folder
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -38,6 +41,7 @@ OPTIM_FILE = "optimizer.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.json"
 TOKENIZER_DIR = "tokenizer"
+EN_TOKENIZER_DIR = "tokenizer_en"
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +89,9 @@ def save_checkpoint(path: str | os.PathLike, model: CCRModel, meta: CheckpointMe
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         if tokenizer_dir and Path(tokenizer_dir).is_dir():
             shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
+        english = english_tokenizer_folder(meta.clip_cfg)
+        if english:  # only the tokenizer files: an HF model folder also holds the weights
+            copy_tokenizer_files(english, tmp / EN_TOKENIZER_DIR)
     return Path(path)
 
 
@@ -106,6 +113,9 @@ def read_meta(path: str | os.PathLike) -> CheckpointMeta:
         state = json.loads((folder / STATE_FILE).read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{folder}: malformed {CONFIG_FILE} or {STATE_FILE} ({err})") from None
+    if english_tokenizer_folder(config["clip_cfg"]) and (folder / EN_TOKENIZER_DIR).is_dir():
+        # the checkpoint's own copy, not the folder it was trained from (which need not exist here)
+        config["clip_cfg"]["text_cfg"]["hf_tokenizer_name"] = str((folder / EN_TOKENIZER_DIR).resolve())
     return CheckpointMeta(config=config["experiment"], clip_cfg=config["clip_cfg"], tokens=config["tokens"],
                           preprocess=config["preprocess"], stage=state["stage"], step=state["step"],
                           metrics=state.get("metrics", {}), best_score=state.get("best_score"),

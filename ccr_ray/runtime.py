@@ -27,13 +27,14 @@ import numpy as np
 import onnxruntime as ort
 
 from ccr_ray.data.transforms import ImageTransform, open_image
-from ccr_ray.tokenization import EnglishTokenizer, TargetTokenizer
+from ccr_ray.tokenization import EnglishTokenizer, HFEnglishTokenizer, TargetTokenizer
 
 FORMAT = "ccr_ray.onnx"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PREPROCESS_FILE = "preprocess.json"
-EN_TOKENIZER_FILE = "tokenizer_en/tokenizer.json"  # CLIP BPE as a `tokenizers` JSON (no open_clip needed)
+EN_TOKENIZER_FILE = "tokenizer_en/tokenizer.json"  # the English tower's tokenizer (CLIP BPE: no open_clip needed)
+HF_TOKENIZER = "hf"  # manifest tokenizers.en.kind of an HF text tower's tokenizer (else "clip_bpe")
 TARGET_TOKENIZER_DIR = "tokenizer"  # the checkpoint's non-English tokenizer folder
 
 # Graph roles (manifest "graphs" keys) and their input / output names
@@ -121,7 +122,7 @@ class Encoder:
         return self._transform
 
     def tokenizer(self, lang: str) -> EnglishTokenizer | TargetTokenizer:
-        """CLIP's BPE for English, the checkpoint's tokenizer for every other language."""
+        """The English tower's tokenizer for English, the checkpoint's tokenizer for every other language."""
         self.check_language(lang)
         return self._english_tokenizer() if lang == "en" else self._target_tokenizer()
 
@@ -131,8 +132,11 @@ class Encoder:
 
             path = self.folder / EN_TOKENIZER_FILE
             if not path.exists():
-                raise ModelFolderError(f"{path}: missing CLIP BPE tokenizer")
-            self._english = EnglishTokenizer(self.context_length, Tokenizer.from_file(str(path)))
+                raise ModelFolderError(f"{path}: missing English tokenizer")
+            if self.manifest.get("tokenizers", {}).get("en", {}).get("kind") == HF_TOKENIZER:
+                self._english = HFEnglishTokenizer(str(path.parent), self.context_length)
+            else:
+                self._english = EnglishTokenizer(self.context_length, Tokenizer.from_file(str(path)))
         return self._english
 
     def _target_tokenizer(self) -> TargetTokenizer:
@@ -179,9 +183,10 @@ class Encoder:
         """The graph's feeds for a batch of captions (tokenized exactly as in training and evaluation)."""
         self.check_language(lang)
         if lang == "en":
-            ids = self._english_tokenizer()(texts)
+            tokenize = self._english_tokenizer()
+            ids = tokenize(texts)
             if trim and len(ids):
-                ids = ids[:, : int(ids.argmax(axis=1).max()) + 1]  # EOT: the largest id, the pooled position
+                ids = tokenize.trim(ids)  # up to the last real token of any row (CLIP: EOT, the pooled one)
             return {INPUT_IDS: ids}
         ids, mask = self._target_tokenizer()(texts)
         if trim and self.padding_invariant and len(ids):

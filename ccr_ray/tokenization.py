@@ -1,11 +1,17 @@
-"""Tokenizers: CLIP's BPE for English, a Hugging Face tokenizer (M-BERT, or the demo's WordPiece) for the rest.
+"""Tokenizers: the English text tower's own for English (CLIP's BPE, or the Hugging Face tokenizer of an HF
+encoder tower), a Hugging Face tokenizer (M-BERT, or a WordPiece trained for the data) for the rest.
 
-Both run on the Rust `tokenizers` library and import neither torch nor open_clip, so Ray Data preprocessing
+All run on the Rust `tokenizers` library and import neither torch nor open_clip, so Ray Data preprocessing
 processes start fast and the ONNX runtime can use the same code paths.
 
-Both return numpy arrays of fixed length `context_length`, so batches stack without padding logic:
-  * English: SOT + BPE + EOT, zero-padded; with truncation the last kept token becomes EOT (open_clip).
+All return numpy arrays of fixed length `context_length`, so batches stack without padding logic:
+  * English, CLIP: SOT + BPE + EOT, zero-padded; with truncation the last kept token becomes EOT (open_clip).
+  * English, HF tower: the tower's tokenizer ([CLS] ... [SEP] for BERT), padded with its pad id; the tower
+    derives its attention mask from the padding (as open_clip's HFTextEncoder does), so ids are all it takes.
   * Others:  [CLS] + WordPieces + [SEP], padded with [PAD] (`padding='max_length', truncation=True`).
+
+Which English tokenizer a model uses is part of its backbone config (`english_tokenizer_folder(clip_cfg)`: None =
+CLIP's BPE), stored in every checkpoint and export; every consumer asks `english_tokenizer(context, folder)`.
 """
 
 from __future__ import annotations
@@ -78,8 +84,20 @@ def clean_english(text: str) -> str:
     return html.unescape(html.unescape(text)).strip()
 
 
+def padded_length(ids: np.ndarray, pad_id: int) -> int:
+    """Columns up to the last non-padding token of any row of ids [N, T]: the rest is padding everywhere and can
+    be cut (exact: CLIP pools at EOT under a causal mask, an HF tower masks padding out)."""
+    if not ids.size:
+        return 0
+    real = ids != pad_id
+    return int((real * np.arange(1, ids.shape[1] + 1)).max())
+
+
 class EnglishTokenizer:
     """CLIP's BPE for English captions: SOT + BPE + EOT, zero-padded to the context; truncation keeps EOT last."""
+
+    kind = "clip_bpe"
+    pad_id = 0
 
     def __init__(self, context_length: int, tokenizer=None):
         self.context_length = context_length
@@ -94,6 +112,30 @@ class EnglishTokenizer:
     def count_truncated(self, texts: Sequence[str]) -> int:
         """Captions longer than the context (they are cut, with EOT kept at the end)."""
         return sum(len(e.overflowing) > 0 for e in self._tok.encode_batch([clean_english(t) for t in texts]))
+
+    def trim(self, ids: np.ndarray) -> np.ndarray:
+        """ids [N, T] without the columns that are padding in every row."""
+        return ids[:, : padded_length(ids, self.pad_id)]
+
+
+class HFEnglishTokenizer(EnglishTokenizer):
+    """The tokenizer of an English Hugging Face encoder tower (a folder: tokenizer.json or vocab.txt), as the
+    tower was trained with it: `[CLS] ... [SEP]` (its own specials), truncated and padded with its pad id. No CLIP
+    cleaning: the tokenizer's own normaliser applies."""
+
+    kind = "hf"
+
+    def __init__(self, folder: str, context_length: int):
+        self.folder = str(folder)
+        self.context_length = context_length
+        self._target = TargetTokenizer(folder, context_length)
+        self.pad_id = self._target.pad_id
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        return self._target(texts)[0]
+
+    def count_truncated(self, texts: Sequence[str]) -> int:
+        return self._target.count_truncated(texts)
 
 
 @dataclass(frozen=True)
@@ -186,9 +228,40 @@ def _special_ids(folder: Path, tok) -> dict:
 
 
 @functools.lru_cache(maxsize=8)
-def english_tokenizer(context_length: int) -> EnglishTokenizer:
-    """Cached per process: Ray Data tasks reuse worker processes, so the vocabulary loads once per worker."""
-    return EnglishTokenizer(context_length)
+def english_tokenizer(context_length: int, folder: str | None = None) -> EnglishTokenizer:
+    """The English tower's tokenizer: CLIP's BPE (folder None), else the HF tower's tokenizer folder
+    (`english_tokenizer_folder`). Cached per process: Ray Data tasks reuse worker processes, so the vocabulary
+    loads once per worker."""
+    return HFEnglishTokenizer(folder, context_length) if folder else EnglishTokenizer(context_length)
+
+
+def english_tokenizer_folder(clip_cfg: dict | None) -> str | None:
+    """The English tokenizer a backbone config states: its HF text tower's tokenizer folder (open_clip's
+    `text_cfg.hf_tokenizer_name`, a local folder once `backbone.backbone_model_config` resolved it), or None for
+    CLIP's BPE."""
+    text = (clip_cfg or {}).get("text_cfg", {})
+    if not text.get("hf_model_name"):
+        return None
+    return text.get("hf_tokenizer_name") or text["hf_model_name"]
+
+
+# What a tokenizer folder holds (copied into checkpoints and exports; never the weights beside them)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+                   "merges.txt", "added_tokens.json", "sentencepiece.bpe.model", "spiece.model")
+
+
+def copy_tokenizer_files(source: str | Path, target: str | Path) -> Path:
+    """Copy the tokenizer files of `source` (e.g. a Hugging Face model folder) into `target`."""
+    import shutil
+
+    source, target = Path(source), Path(target)
+    files = [source / name for name in TOKENIZER_FILES if (source / name).is_file()]
+    if not any(f.name in ("tokenizer.json", "vocab.txt") for f in files):
+        raise FileNotFoundError(f"{source}: not a tokenizer folder (no tokenizer.json or vocab.txt)")
+    target.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        shutil.copy2(file, target / file.name)
+    return target
 
 
 @functools.lru_cache(maxsize=8)

@@ -6,7 +6,7 @@ Usage:
 SOURCE and its inputs:
     seeds      --path-json FILE [--path-json FILE ...] [--data-root DIR] [--path-prefix PREFIX ...]
     cc300k     --images DIR (--tsv-dir DIR | --tsv LANG=FILE ...) [--top 300000] [--seed 42] [--existing-ids JSON]
-    multi30k   --multi30k DIR --images DIR [--images DIR ...] [--no-task2]
+    multi30k   --multi30k DIR (--images DIR [--images DIR ...] | --images-as none) [--no-task2]
     xtd10      --xtd10 DIR --images DIR [--images DIR ...]
     xflickrco  --xflickrco DIR --images DIR [--images DIR ...]
     coco-cn    --captions FILE [FILE ...] --images DIR [--split test | --split-list NAME=FILE ...]
@@ -15,12 +15,17 @@ Common options:
     --out DIR                  output dataset folder; must not exist (or be empty) unless --force
     --force                    replace an earlier output of this job (a folder holding dataset.json or
                                prepare_report.json; any other non-empty folder is refused)
-    --images-as bytes|path     embed the encoded image files (default) or store their absolute paths
+    --images-as bytes|path|none  embed the encoded image files (default), store their absolute paths, or store
+                               no image at all (a captions-only dataset for text stages and text-to-text
+                               evaluation, e.g. Multi30K without Flickr30K; multi30k only)
     --languages en,de,...      keep only these languages
     --splits train,val,...     keep only these splits (seeds, multi30k, xflickrco)
     --tokenizer DIR            tokenizer folder (M-BERT) to count truncated non-English captions; English is
                                always checked with CLIP's BPE
     --context-length 77        tokens per caption for the truncation count
+    --wordpiece N              train a cased WordPiece tokenizer of N tokens (M-BERT's recipe) on the training
+                               split's non-English captions and ship it with the data (DIR/tokenizer, which
+                               model.text.tokenizer=auto uses): for runs without M-BERT
     --max-bad-fraction 0.01    fail (exit 3) when more than this fraction of captions is rejected
     --shard-size 1000          images per Parquet shard (one Ray Data task each)
     --task-cpus 0.5            CPUs per Ray Data task
@@ -44,6 +49,7 @@ from ccr_ray.cli import fail, quiet_ray_env
 from ccr_ray.data import converters, schema
 from ccr_ray.data.converters import SOURCES
 from ccr_ray.data.converters.records import InputError, ParseResult, check_languages, csv_list
+from ccr_ray.tokenization import SPECIAL_TOKENS
 
 EXIT_TOO_MANY_BAD = 3
 
@@ -52,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", required=True)
     common.add_argument("--force", action="store_true")
-    common.add_argument("--images-as", choices=["bytes", "path"], default="bytes")
+    common.add_argument("--images-as", choices=["bytes", "path", "none"], default="bytes")
+    common.add_argument("--wordpiece", type=int, default=0)
     common.add_argument("--languages", default=None)
     common.add_argument("--tokenizer", default=None)
     common.add_argument("--context-length", type=int, default=77)
@@ -86,6 +93,22 @@ def prepare_out(out: str, force: bool) -> Path:
     return path
 
 
+def train_data_tokenizer(out: Path, report: dict, vocab_size: int) -> str:
+    """Train the WordPiece tokenizer on the written train split's non-English captions; its folder (relative)."""
+    import pyarrow.parquet as pq
+
+    from ccr_ray.tokenization import train_wordpiece
+
+    info = report["splits"].get("train")
+    if not info or not info["files"]:
+        raise InputError("--wordpiece: the dataset has no train split to train the tokenizer on")
+    columns = [schema.captions_column(lang) for lang in report["languages"] if lang != "en"]
+    texts = [caption for file in info["files"] for column in pq.read_table(out / file, columns=columns).columns
+             for captions in column.to_pylist() for caption in captions]
+    train_wordpiece(texts, out / schema.TOKENIZER_DIR, vocab_size=vocab_size)
+    return schema.TOKENIZER_DIR
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -98,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}")
         if args.shard_size <= 0 or args.task_cpus <= 0 or args.context_length <= 2:
             raise InputError("--shard-size and --task-cpus must be > 0, --context-length > 2")
+        if args.wordpiece < 0 or 0 < args.wordpiece < len(SPECIAL_TOKENS) + 100:
+            raise InputError("--wordpiece: a vocabulary of at least a few hundred tokens (0 = none)")
+        if args.images_as == "none" and args.source != "multi30k":
+            raise InputError("--images-as none: only the multi30k source can be prepared without images")
         if getattr(args, "splits", None) is not None and not csv_list(args.splits):
             raise InputError("--splits: empty")
         languages = check_languages(csv_list(args.languages)) if args.languages else None
@@ -165,7 +192,14 @@ def main(argv: list[str] | None = None) -> int:
                     f"{out / schema.REJECTS_DIR}; no {schema.MANIFEST} written", EXIT_TOO_MANY_BAD)
     if not any(info["images"] for info in report["splits"].values()):
         return fail("every image was rejected; no dataset written", EXIT_TOO_MANY_BAD)
-    rep.write_manifest(out, parsed, report)
+    tokenizer = None
+    if args.wordpiece:
+        try:
+            tokenizer = train_data_tokenizer(out, report, args.wordpiece)
+        except InputError as err:
+            return fail(str(err))
+        print(f"trained a {args.wordpiece}-token WordPiece tokenizer on the train split: {out / tokenizer}")
+    rep.write_manifest(out, parsed, report, tokenizer=tokenizer)
     print(f"wrote {out} in {report['seconds']['total']:.1f}s ({report['images_per_s']} images/s in the image "
           f"stage); report: {out / schema.PREPARE_REPORT}")
     return 0

@@ -64,10 +64,11 @@ def training_stream(plan: StreamPlan, task_cpus: float) -> ray.data.Dataset:
 
 
 def build_datasets(cfg: ExperimentConfig, stage: Stage, dataset_root: str, tokenizer_dir: str | None,
-                   preprocess: dict, context_length: int, train_languages: list[str], cache: CacheInfo | None = None
-                   ) -> tuple[dict[str, ray.data.Dataset], ray.train.DataConfig]:
+                   preprocess: dict, context_length: int, train_languages: list[str], cache: CacheInfo | None = None,
+                   english_tokenizer: str | None = None) -> tuple[dict[str, ray.data.Dataset], ray.train.DataConfig]:
     """The Ray datasets of one stage and the DataConfig that shards the training stream. `cache`: a valid
-    frozen-feature cache of the training split, read instead of the dataset's shards."""
+    frozen-feature cache of the training split, read instead of the dataset's shards. `english_tokenizer`: the
+    English tower's tokenizer folder (None: CLIP's BPE)."""
     os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(cfg.data.parquet_footer_actors))
     files = cache.files if cache is not None else schema.split_files(dataset_root, cfg.data.train_split)
     cached = cache.features if cache is not None else ()
@@ -78,7 +79,8 @@ def build_datasets(cfg: ExperimentConfig, stage: Stage, dataset_root: str, token
     spec = PreprocessSpec(languages=tuple(train_languages), inputs=stage.inputs,
                           image=preprocess if stage.needs_images and "image" not in cached else None,
                           context_length=context_length, tokenizer=tokenizer_dir, dataset_root=dataset_root,
-                          cached=cached, feature_dim=cache.embed_dim if cache is not None else 0)
+                          cached=cached, feature_dim=cache.embed_dim if cache is not None else 0,
+                          english_tokenizer=english_tokenizer)
     datasets = {TRAIN_KEY: training_stream(StreamPlan(dataset_root, cfg.data.train_split, files, spec, passes, cfg.train.seed),
                                            cfg.data.task_cpus)}
     # Data may use at most data.max_cpus of what Train leaves: on small machines this keeps the preprocessing

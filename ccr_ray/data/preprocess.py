@@ -35,6 +35,7 @@ class PreprocessSpec:
     # decoded / tokenized: "image" -> batch key image_features, "text_en" -> text_en_features(_<lang>)
     cached: tuple[str, ...] = ()
     feature_dim: int = 0  # width of the cached embeddings
+    english_tokenizer: str | None = None  # the English tower's tokenizer folder; None = CLIP's BPE
 
     @property
     def english_only(self) -> bool:
@@ -136,7 +137,7 @@ class TrainPreprocessor:
                     out[BATCH_KEYS["text_en"]] = self._cached_teacher(batch, rows, index)
                 else:
                     texts = [str(caps[r][i]) for r, i in zip(rows, index)]
-                    out["text_en_ids"] = english_tokenizer(spec.context_length)(texts)
+                    out["text_en_ids"] = english_tokenizer(spec.context_length, spec.english_tokenizer)(texts)
                 continue
             texts = [str(caps[r][i]) for r, i in zip(rows, index)]
             ids, mask = target_tokenizer(spec.tokenizer, spec.context_length)(texts)
@@ -174,7 +175,8 @@ class TrainPreprocessor:
         keys = list(zip(rows.tolist(), index.tolist()))
         todo = sorted({k for k in keys if k not in cache})
         if todo:
-            ids = english_tokenizer(self.spec.context_length)([str(captions[r][i]) for r, i in todo])
+            tokenize = english_tokenizer(self.spec.context_length, self.spec.english_tokenizer)
+            ids = tokenize([str(captions[r][i]) for r, i in todo])
             cache.update(zip(todo, ids))
         if not keys:
             return np.zeros((0, self.spec.context_length), dtype=np.int64)
@@ -203,12 +205,13 @@ class TrainPreprocessor:
         return pixels, keep
 
 
-def tokenize_captions(texts: Sequence[str], lang: str, context_length: int, tokenizer: str | None
-                      ) -> dict[str, np.ndarray]:
-    """Model text inputs for evaluation/export: English -> CLIP BPE ids; others -> ids + mask."""
+def tokenize_captions(texts: Sequence[str], lang: str, context_length: int, tokenizer: str | None,
+                      english: str | None = None) -> dict[str, np.ndarray]:
+    """Model text inputs for evaluation/export: English -> the English tower's ids (`english`: its tokenizer
+    folder, None = CLIP's BPE); others -> ids + mask."""
     from ccr_ray.tokenization import english_tokenizer, target_tokenizer
 
     if lang == "en":
-        return {"text_en_ids": english_tokenizer(context_length)(texts)}
+        return {"text_en_ids": english_tokenizer(context_length, english)(texts)}
     ids, mask = target_tokenizer(tokenizer, context_length)(texts)
     return {"text_ids": ids, "text_mask": mask}

@@ -9,7 +9,7 @@ import torch
 from ccr_ray import checkpoint as ckpt
 from ccr_ray.data import schema
 from ccr_ray.data.transforms import ImageTransform
-from ccr_ray.eval.retrieval import ADAPTED, evaluate_table, mean_mr
+from ccr_ray.eval.retrieval import ADAPTED, evaluate_table, mean_mr, protocol_of
 from ccr_ray.stages import STAGES
 
 
@@ -39,13 +39,16 @@ def evaluate_checkpoint(path: str, data: str | None = None, split: str | None = 
     unknown = [lang for lang in langs if lang not in available]
     if unknown:
         raise EvalError(f"--langs: the model has no adapters for {', '.join(unknown)} (it has en, "
-                        f"{', '.join(model.languages)}); --baseline evaluates any language through CLIP's BPE")
-    table = schema.read_split_table(root, split, langs)
+                        f"{', '.join(model.languages)}); --baseline evaluates any language through the English "
+                        "tower's own tokenizer")
+    # English is read even when not evaluated: the text-to-text protocol's gallery
+    table = schema.read_split_table(root, split, list(dict.fromkeys(["en", *langs])))
     tokenizer = ckpt.tokenizer_of(path) or cfg.path(cfg.model.text.tokenizer)
     model.eval()
     with torch.no_grad():
-        results = evaluate_table(model, table, langs, ImageTransform.from_config(meta.preprocess),
+        transform = ImageTransform.from_config(meta.preprocess) if meta.preprocess is not None else None
+        results = evaluate_table(model, table, langs, transform,
                                  model.context_length, tokenizer, device, batch_size=batch_size,
                                  max_images=max_images, mode=mode, root=root)
     return {"checkpoint": str(Path(path)), "stage": meta.stage, "step": meta.step, "data": root, "split": split,
-            "mode": mode, "results": results, "mean_mR": mean_mr(results)}
+            "mode": mode, "protocol": protocol_of(model), "results": results, "mean_mR": mean_mr(results)}

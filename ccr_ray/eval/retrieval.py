@@ -2,8 +2,14 @@
 (validation), `jobs/evaluate.py` and export's embedding evaluation all call this.
 
 Each language is evaluated on the rows (images) that have captions in it; captions stay grouped by image, in
-row order; images are encoded once and shared across languages. English goes through plain CLIP; other
-languages through the model's adapters, or through CLIP's own BPE tokenizer for the English-only baseline.
+row order; images are encoded once and shared across languages. English goes through the untouched English
+tower; other languages through the model's adapters, or through the English tower's own tokenizer for the
+English-only baseline.
+
+A model without an image tower (a text-only backbone) is scored by text-to-text retrieval instead, chosen by
+`evaluate_table` (`evaluate_text_table`, same metrics and rules): each image's first English caption, encoded by
+the untouched English tower (the teacher), stands in for the image. `t2i_*` are then language -> English and
+`i2t_*` English -> language (group-max over an image's captions), mR their mean, as in spec section 5.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from ccr_ray.models.precision import autocast
 
 # How non-English captions are encoded
 ADAPTED = "adapted"  # the model's multilingual path (MLA acquirers / DASD adapters)
-CLIP_BPE = "clip_bpe"  # baseline: the English CLIP applied to the raw caption through its own BPE
+CLIP_BPE = "clip_bpe"  # baseline: the English tower applied to the raw caption through its own tokenizer
+IMAGE_PROTOCOL = "text-image"  # captions vs images (spec section 5)
+TEXT_PROTOCOL = "text-text"  # captions vs the teacher's English captions (a backbone without images)
 
 
 def language_rows(table: pa.Table, lang: str, max_images: int = 0) -> pa.Table:
@@ -60,7 +68,7 @@ def encode_captions(model, texts: Sequence[str], lang: str, context_length: int,
     for start in range(0, len(texts), batch_size):
         chunk = list(texts[start:start + batch_size])
         if lang == "en" or mode == CLIP_BPE:
-            ids = tokenize_captions(chunk, "en", context_length, None)["text_en_ids"]
+            ids = tokenize_captions(chunk, "en", context_length, None, english=model.english_tokenizer)["text_en_ids"]
             with autocast(device, precision):
                 out = model.encode_text_en(torch.from_numpy(ids).to(device))
         else:
@@ -90,11 +98,20 @@ def score_language(image_feats: torch.Tensor, caption_feats: torch.Tensor, capti
     return average_metrics(per_fold)
 
 
-def evaluate_table(model, table: pa.Table, languages: Sequence[str], transform: ImageTransform,
+def protocol_of(model) -> str:
+    """How a model is scored: against images, or (no image tower) against the teacher's English captions."""
+    return IMAGE_PROTOCOL if model.has_images else TEXT_PROTOCOL
+
+
+def evaluate_table(model, table: pa.Table, languages: Sequence[str], transform: ImageTransform | None,
                    context_length: int, tokenizer: str | None, device: torch.device | str = "cpu",
                    batch_size: int = 256, max_images: int = 0, precision: str = "fp32", mode: str = ADAPTED,
                    root: str | None = None, progress: Callable | None = None) -> dict[str, dict[str, float]]:
-    """{lang: metrics} for every language in `languages` that has captions in `table`."""
+    """{lang: metrics} for every language in `languages` that has captions in `table`; text-to-text retrieval
+    (`evaluate_text_table`) when the model has no image tower."""
+    if protocol_of(model) == TEXT_PROTOCOL:
+        return evaluate_text_table(model, table, languages, context_length, tokenizer, device, batch_size,
+                                   max_images, precision, mode)
     device = torch.device(device)
     per_lang = {lang: language_rows(table, lang, max_images) for lang in languages}
     per_lang = {k: v for k, v in per_lang.items() if v.num_rows}
@@ -123,6 +140,56 @@ def evaluate_table(model, table: pa.Table, languages: Sequence[str], transform: 
     return results
 
 
+def text_rows(table: pa.Table, lang: str, max_images: int = 0) -> pa.Table:
+    """Rows with captions in `lang` and an English caption (the gallery entry); for "en", rows with a second
+    English caption (a query other than the gallery entry itself)."""
+    en = schema.captions_column("en")
+    if en not in table.column_names:
+        return table.slice(0, 0)
+    en_count = pa.compute.list_value_length(table[en]).fill_null(0)
+    if lang == "en":
+        rows = table.filter(pa.compute.greater(en_count, 1))
+    else:
+        rows = language_rows(table, lang)
+        rows = rows.filter(pa.compute.greater(pa.compute.list_value_length(rows[en]).fill_null(0), 0))
+    return rows.slice(0, max_images) if max_images else rows
+
+
+@torch.no_grad()
+def evaluate_text_table(model, table: pa.Table, languages: Sequence[str], context_length: int,
+                        tokenizer: str | None, device: torch.device | str = "cpu", batch_size: int = 256,
+                        max_images: int = 0, precision: str = "fp32", mode: str = ADAPTED
+                        ) -> dict[str, dict[str, float]]:
+    """Text-to-text retrieval, spec section 5 with each image's first English caption (through the untouched
+    English tower, the teacher) in place of the image. Queries: a target language's captions (through the
+    adapters, or the English tower's tokenizer for the baseline); for "en", the image's other English captions
+    (e.g. independent descriptions: how well the teacher itself retrieves an English paraphrase), skipped when
+    every row has one. {lang: metrics}, `t2i_*` = query -> English, `i2t_*` = English -> query captions."""
+    device = torch.device(device)
+    en = schema.captions_column("en")
+    per_lang = {lang: text_rows(table, lang, max_images) for lang in languages}
+    per_lang = {k: v for k, v in per_lang.items() if v.num_rows}
+    wanted: dict[str, int] = {}
+    gallery_texts: list[str] = []
+    for rows in per_lang.values():
+        for image_id, caps in zip(rows[schema.IMAGE_ID].to_pylist(), rows[en].to_pylist()):
+            if image_id not in wanted:
+                wanted[image_id] = len(gallery_texts)
+                gallery_texts.append(caps[0])
+    gallery = encode_captions(model, gallery_texts, "en", context_length, None, device, batch_size, precision)
+    results = {}
+    for lang, rows in per_lang.items():
+        ids = rows[schema.IMAGE_ID].to_pylist()
+        column = rows[en if lang == "en" else schema.captions_column(lang)].to_pylist()
+        captions = [caps[1:] for caps in column] if lang == "en" else column
+        texts = [c for caps in captions for c in caps]
+        caption_image = np.repeat(np.arange(len(ids)), [len(c) for c in captions])
+        feats = encode_captions(model, texts, lang, context_length, tokenizer, device, batch_size, precision, mode)
+        folds = rows[schema.FOLD].to_numpy() if schema.FOLD in rows.column_names else None
+        results[lang] = score_language(gallery[torch.tensor([wanted[i] for i in ids])], feats, caption_image, folds)
+    return results
+
+
 def mean_mr(results: dict[str, dict[str, float]], languages: Sequence[str] | None = None) -> float:
     langs = [lang for lang in (languages or results) if lang in results]
     if not langs:
@@ -142,13 +209,17 @@ def format_table(rows: dict[str, dict[str, dict[str, float]]], languages: Sequen
     return "\n".join(lines)
 
 
-def format_recall_table(results: dict[str, dict[str, float]], title: str = "") -> str:
+def format_recall_table(results: dict[str, dict[str, float]], title: str = "", protocol: str = IMAGE_PROTOCOL
+                        ) -> str:
     """Per-language R@1/5/10 both ways + mR, markdown."""
     cols = ["t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "mR"]
     lines = []
     if title:
         lines.append(f"**{title}**\n")
-    lines.append("| lang | T→I R@1 | R@5 | R@10 | I→T R@1 | R@5 | R@10 | mR | captions | images |")
+    if protocol == TEXT_PROTOCOL:
+        lines.append("| lang | L→en R@1 | R@5 | R@10 | en→L R@1 | R@5 | R@10 | mR | captions | en gallery |")
+    else:
+        lines.append("| lang | T→I R@1 | R@5 | R@10 | I→T R@1 | R@5 | R@10 | mR | captions | images |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for lang, m in results.items():
         vals = " | ".join(f"{m[c]:.1f}" for c in cols)

@@ -1,12 +1,14 @@
 """Export a checkpoint to ONNX: three graphs, pooled + projected + L2-normalised, batch and length dynamic.
 
     image_encoder.onnx     pixels [B, 3, S, S]                                        -> image_embeds [B, D]
-    text_en_encoder.onnx   input_ids [B, T] (CLIP BPE)                                -> text_embeds [B, D]
+    text_en_encoder.onnx   input_ids [B, T] (the English tower's tokenizer)           -> text_embeds [B, D]
     text_encoder.onnx      input_ids [B, T], attention_mask [B, T], lang_index [1]    -> text_embeds [B, D]
 
-plus the tokenizers (CLIP BPE as a `tokenizers` JSON, the checkpoint's target tokenizer folder), the image
-preprocessing (`preprocess.json`) and `manifest.json` (model fingerprint, languages and their indices, dims,
-opset, files, parity figures). `ccr_ray.runtime.Encoder` reads the folder without torch.
+plus the tokenizers (the English tower's: CLIP BPE as a `tokenizers` JSON, or an HF tower's own tokenizer
+folder; the checkpoint's target tokenizer folder), the image preprocessing (`preprocess.json`) and
+`manifest.json` (model fingerprint, languages and their indices, dims, opset, files, parity figures).
+`ccr_ray.runtime.Encoder` reads the folder without torch. A backbone without an image tower (text-only) has no
+image graph and no `preprocess.json`.
 
 One multilingual graph selects the language's adapters from an input (`lang_index`, the manifest maps codes to
 indices), instead of one graph per language: the token table E (M-BERT: 119,547 x 768 = 367 MB fp32) and the
@@ -66,15 +68,16 @@ GRAPHS = (rt.IMAGE, rt.TEXT_EN, rt.TEXT)
 FILES = {rt.IMAGE: "image_encoder.onnx", rt.TEXT_EN: "text_en_encoder.onnx", rt.TEXT: "text_encoder.onnx"}
 DESCRIPTIONS = {  # the manifest says which file does what
     rt.IMAGE: "pixels float32 [B, 3, S, S] (preprocess.json applied) -> image_embeds float32 [B, D], L2-normalised",
-    rt.TEXT_EN: "input_ids int64 [B, T] (CLIP BPE, tokenizer_en/; T <= context_length) -> text_embeds [B, D], "
-                "L2-normalised; plain CLIP, pooled at EOT",
+    rt.TEXT_EN: "input_ids int64 [B, T] (the English tower's tokenizer, tokenizer_en/; T <= context_length) -> "
+                "text_embeds [B, D], L2-normalised; the untouched English text tower (padding derived from ids)",
     rt.TEXT: "input_ids, attention_mask int64 [B, T] (tokenizer/), lang_index int64 [1] (language_index) -> "
              "text_embeds [B, D], L2-normalised; the language's adapters, pooled at [SEP]",
 }
 OTHER_FILES = {
     rt.MANIFEST: "this file",
     rt.PREPROCESS_FILE: "image preprocessing: resize the short side (bicubic), centre-crop, /255, normalise",
-    rt.EN_TOKENIZER_FILE: "CLIP BPE as a `tokenizers` JSON (SOT + BPE + EOT, zero-padded)",
+    rt.EN_TOKENIZER_FILE: "the English tower's tokenizer as a `tokenizers` JSON (CLIP BPE: SOT + BPE + EOT, "
+                          "zero-padded; an HF tower: its own tokenizer folder, tokenizers.en says which)",
     rt.TARGET_TOKENIZER_DIR + "/": "the checkpoint's tokenizer for every non-English language ([CLS] ... [SEP], [PAD])",
 }
 EXTERNAL_DATA_BYTES = 1_800_000_000  # a single protobuf file holds at most 2 GB; larger graphs get a .data file
@@ -226,8 +229,10 @@ def export_model(model: CCRModel, plan: ExportPlan, folder: Path, image_size: in
             inputs = [rt.PIXELS]
             output = rt.IMAGE_OUTPUT
         elif role == rt.TEXT_EN:
-            ids = torch.randint(1, 49406, (2, example_len))
-            ids[:, -1] = 49407
+            from ccr_ray.tokenization import english_tokenizer
+
+            tokenize = english_tokenizer(context, model.english_tokenizer)  # real ids; the values do not matter
+            ids = torch.from_numpy(tokenize(["a dog runs on the grass", "two people"])[:, :example_len])
             files = export_graph(EnglishTextEncoder(model), (ids,), path, [rt.INPUT_IDS], rt.TEXT_OUTPUT,
                                  ({0: batch, 1: seq},), plan.opset)
             inputs, output = [rt.INPUT_IDS], rt.TEXT_OUTPUT
@@ -377,6 +382,8 @@ def resolve_plan(checkpoint: str, out: str | None = None, languages: list[str] |
         targets = list(model.languages)
     if rt.TEXT in graphs and not targets:
         graphs = tuple(g for g in graphs if g != rt.TEXT)
+    if rt.IMAGE in graphs and not model.has_images:
+        graphs = tuple(g for g in graphs if g != rt.IMAGE)  # a text-only backbone
     out = out or str(Path(checkpoint).resolve().parent / "onnx")
     if Path(out).exists() and any(Path(out).iterdir()) and not (Path(out) / rt.MANIFEST).exists():
         raise ExportError(f"--out: {out} exists, is not empty and is not an export folder; refusing to replace it")
@@ -391,11 +398,25 @@ def resolve_plan(checkpoint: str, out: str | None = None, languages: list[str] |
     return plan, model, meta
 
 
-def _write_tokenizers(checkpoint: str, meta: ckpt.CheckpointMeta, folder: Path, context_length: int) -> dict:
-    from ccr_ray.tokenization import TargetTokenizer, build_clip_bpe, ensure_tokenizer_json
+def _write_tokenizers(checkpoint: str, meta: ckpt.CheckpointMeta, folder: Path, context_length: int,
+                      english: str | None) -> dict:
+    from ccr_ray.tokenization import (
+        HFEnglishTokenizer,
+        TargetTokenizer,
+        build_clip_bpe,
+        copy_tokenizer_files,
+        ensure_tokenizer_json,
+    )
 
     (folder / rt.EN_TOKENIZER_FILE).parent.mkdir(parents=True, exist_ok=True)
-    build_clip_bpe().save(str(folder / rt.EN_TOKENIZER_FILE))
+    if english:  # an HF tower's own tokenizer
+        copy_tokenizer_files(english, (folder / rt.EN_TOKENIZER_FILE).parent)
+        ensure_tokenizer_json((folder / rt.EN_TOKENIZER_FILE).parent)
+        en = {"file": rt.EN_TOKENIZER_FILE, "kind": rt.HF_TOKENIZER,
+              "pad_id": HFEnglishTokenizer(str((folder / rt.EN_TOKENIZER_FILE).parent), context_length).pad_id}
+    else:
+        build_clip_bpe().save(str(folder / rt.EN_TOKENIZER_FILE))
+        en = {"file": rt.EN_TOKENIZER_FILE, "kind": "clip_bpe", "sot_id": 49406, "eot_id": 49407, "pad_id": 0}
     source = ckpt.tokenizer_of(checkpoint)
     if source is None:
         cfg = meta.experiment
@@ -411,8 +432,7 @@ def _write_tokenizers(checkpoint: str, meta: ckpt.CheckpointMeta, folder: Path, 
     expected = {k: meta.tokens[k] for k in ids}
     if ids != expected:
         raise ExportError(f"{source}: special token ids {ids} differ from the checkpoint's {expected}")
-    return {"en": {"file": rt.EN_TOKENIZER_FILE, "kind": "clip_bpe", "sot_id": 49406, "eot_id": 49407, "pad_id": 0},
-            "target": {"folder": rt.TARGET_TOKENIZER_DIR, "vocab_size": tok.vocab_size, **ids}}
+    return {"en": en, "target": {"folder": rt.TARGET_TOKENIZER_DIR, "vocab_size": tok.vocab_size, **ids}}
 
 
 def model_fingerprint(model: CCRModel) -> str:
@@ -432,11 +452,11 @@ def export_checkpoint(plan: ExportPlan, model: CCRModel, meta: ckpt.CheckpointMe
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
-        transform = ImageTransform.from_config(meta.preprocess)
-        (tmp / rt.PREPROCESS_FILE).write_text(json.dumps(transform.to_config(), indent=2))
-        tokenizers = _write_tokenizers(plan.checkpoint, meta, tmp, model.context_length)
-        graphs = export_model(model, plan, tmp, transform.size)
-        proj = model.clip.text_projection
+        transform = ImageTransform.from_config(meta.preprocess) if meta.preprocess is not None else None
+        if transform is not None:
+            (tmp / rt.PREPROCESS_FILE).write_text(json.dumps(transform.to_config(), indent=2))
+        tokenizers = _write_tokenizers(plan.checkpoint, meta, tmp, model.context_length, model.english_tokenizer)
+        graphs = export_model(model, plan, tmp, transform.size if transform is not None else 0)
         manifest = {
             "format": rt.FORMAT, "format_version": rt.FORMAT_VERSION,
             "model": {"fingerprint": model_fingerprint(model),
@@ -444,10 +464,11 @@ def export_checkpoint(plan: ExportPlan, model: CCRModel, meta: ckpt.CheckpointMe
                       "adapter": meta.experiment.model.adapter, "backbone": meta.experiment.model.backbone.name},
             "languages": (["en"] if rt.TEXT_EN in graphs else []) + (plan.languages if rt.TEXT in graphs else []),
             "language_index": {lang: i for i, lang in enumerate(plan.languages)} if rt.TEXT in graphs else {},
-            "embed_dim": int(proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]),
-            "context_length": model.context_length, "image_size": transform.size,
+            "embed_dim": int(model.text_tower.embed_dim),
+            "context_length": model.context_length, "image_size": transform.size if transform is not None else None,
             "padding_invariant": bool(model.adapters.padding_invariant),
-            "opset": plan.opset, "graphs": graphs, "tokenizers": tokenizers, "preprocess": rt.PREPROCESS_FILE,
+            "opset": plan.opset, "graphs": graphs, "tokenizers": tokenizers,
+            "preprocess": rt.PREPROCESS_FILE if transform is not None else None,
             "normalized": True, "files": OTHER_FILES,
             "export": {"exporter": "torch.onnx (dynamo)", "torch": torch.__version__, "onnx": onnx.__version__,
                        "onnxruntime": onnxruntime.__version__},
@@ -460,7 +481,8 @@ def export_checkpoint(plan: ExportPlan, model: CCRModel, meta: ckpt.CheckpointMe
 
             return list(Tokenizer.from_file(str(tmp / rt.TARGET_TOKENIZER_DIR / "tokenizer.json")).get_vocab())
 
-        probes = build_probes(wanted, transform.size, plan.data, plan.split, vocabulary=vocab)
+        probes = build_probes(wanted, transform.size if transform is not None else 0, plan.data, plan.split,
+                              vocabulary=vocab, images=rt.IMAGE in graphs)
         start = time.perf_counter()
         manifest["parity"] = check_parity(model, tmp, probes, plan.threshold)
         plan.timings["parity_s"] = round(time.perf_counter() - start, 2)

@@ -27,7 +27,8 @@ class Probes:
     source: dict[str, str] = field(default_factory=dict)  # "images" / lang -> where it came from
 
 
-def _from_dataset(root: str, split: str, languages: Sequence[str], max_images: int) -> Probes | None:
+def _from_dataset(root: str, split: str, languages: Sequence[str], max_images: int, images: bool = True
+                  ) -> Probes | None:
     try:
         manifest = schema.load_manifest(root)
     except schema.DatasetError:
@@ -36,10 +37,14 @@ def _from_dataset(root: str, split: str, languages: Sequence[str], max_images: i
         return None
     table = schema.read_split_table(root, split, [lang for lang in languages if lang in manifest.languages])
     table = table.slice(0, max_images)
-    data = table[schema.IMAGE].to_pylist()
-    paths = table[schema.IMAGE_PATH].to_pylist()
-    probes = Probes(images=[open_image(d, p, root) for d, p in zip(data, paths)])
-    probes.source["images"] = f"{root} [{split}]"
+    if images:
+        data = table[schema.IMAGE].to_pylist()
+        paths = table[schema.IMAGE_PATH].to_pylist()
+        probes = Probes(images=[open_image(d, p, root) for d, p in zip(data, paths)])
+        probes.source["images"] = f"{root} [{split}]"
+    else:
+        probes = Probes(images=[])
+        probes.source["images"] = "none (a backbone without an image tower)"
     for lang in languages:
         col = schema.captions_column(lang)
         if col not in table.column_names:
@@ -54,14 +59,22 @@ def _from_dataset(root: str, split: str, languages: Sequence[str], max_images: i
 
 
 def build_probes(languages: Sequence[str], image_size: int, data: str | None = None, split: str = "test",
-                 max_images: int = 24, seed: int = 0, vocabulary: Callable[[], list[str]] | None = None) -> Probes:
-    """Images and captions for `languages` ("en" included where wanted).
+                 max_images: int = 24, seed: int = 0, vocabulary: Callable[[], list[str]] | None = None,
+                 images: bool = True) -> Probes:
+    """Images and captions for `languages` ("en" included where wanted); captions only with `images=False`
+    (a backbone without an image tower).
 
     vocabulary: returns the tokenizer's word list, for languages neither the data nor the grammar covers."""
-    probes = _from_dataset(data, split, languages, max_images) if data and os.path.isdir(data) else None
+    probes = _from_dataset(data, split, languages, max_images, images) if data and os.path.isdir(data) else None
     rng = np.random.default_rng(seed)
     scenes = [SceneSampler(heldout_pairs(seed)).sample(rng) for _ in range(max_images)]
-    if probes is None or not probes.images:
+    if not images:
+        if probes is None or not probes.captions:
+            probes = Probes(images=[])
+            probes.source["images"] = "none (a backbone without an image tower)"
+        else:
+            scenes = None  # captions from the data
+    elif probes is None or not probes.images:
         probes = Probes(images=[render(scene, image_size, rng) for scene in scenes])
         probes.source["images"] = "rendered demo scenes"
     else:
@@ -69,7 +82,7 @@ def build_probes(languages: Sequence[str], image_size: int, data: str | None = N
     for lang in languages:
         if lang in probes.captions:
             continue
-        n = len(probes.images)
+        n = len(probes.images) if images else max_images
         if scenes is not None and lang in grammar.LANGUAGES:
             texts = [grammar.describe(scene, lang, t) for scene in scenes for t in (0, 1)]
             probes.captions[lang] = texts

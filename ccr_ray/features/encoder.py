@@ -105,14 +105,14 @@ class FeatureEncoder:
         """Every English caption of every row, tokenized as the stream tokenizes it; encoded with the padding
         columns that are padding in every row cut (exact under the causal mask, as `trim_padding` in training)."""
         from ccr_ray.models import backbone
-        from ccr_ray.tokenization import english_tokenizer
+        from ccr_ray.tokenization import english_tokenizer, english_tokenizer_folder
 
         counts = np.asarray([len(c) for c in captions], dtype=np.int64)
         texts = [str(t) for c in captions for t in c]
         values = np.zeros((len(texts), self.dim), dtype=np.float32)
         if texts:
-            ids = english_tokenizer(self.request.context_length)(texts)  # [N, T]
-            ids = ids[:, : int(ids.argmax(axis=1).max()) + 1]  # EOT has the largest id: trim common padding
+            tokenize = english_tokenizer(self.request.context_length, english_tokenizer_folder(self.request.clip_cfg))
+            ids = tokenize.trim(tokenize(texts))  # [N, T], common padding cut
             values = self._encode(backbone.encode_text_en, ids)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
         inner = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), self.dim)

@@ -27,6 +27,7 @@ from ccr_ray.data.transforms import ImageTransform
 from ccr_ray.features import CacheError
 from ccr_ray.features.weights import _weights_file, load_clip_state, tower_digests
 from ccr_ray.stages import INPUT_TOWERS
+from ccr_ray.tokenization import english_tokenizer_folder
 
 FORMAT_VERSION = 1  # bump when the encoding or the layout changes: every older cache then reads as stale
 KEY_CHARS = 16  # fingerprint characters in the folder name (cache.json holds the full one)
@@ -93,9 +94,12 @@ def _weights_digests(weights: str, stat: tuple[int, int], clip_cfg_json: str, qu
 
 
 @functools.lru_cache(maxsize=8)
-def _english_tokenizer_digest(context_length: int) -> str:
-    from ccr_ray.tokenization import clip_bpe_vocab_file
+def _english_tokenizer_digest(context_length: int, folder: str | None = None) -> str:
+    from ccr_ray.tokenization import clip_bpe_vocab_file, ensure_tokenizer_json
 
+    if folder:  # an HF text tower's own tokenizer
+        vocab = hashlib.sha256(ensure_tokenizer_json(folder).read_bytes()).hexdigest()
+        return _digest({"tokenizer_json_sha256": vocab, "context_length": context_length})
     vocab = hashlib.sha256(clip_bpe_vocab_file().read_bytes()).hexdigest()
     return _digest({"bpe_vocab_sha256": vocab, "context_length": context_length})
 
@@ -127,5 +131,6 @@ def cache_key(request: CacheRequest) -> CacheKey:
     if "image" in request.features:
         components["preprocess"] = _digest(ImageTransform.from_config(request.preprocess).to_config())
     if "text_en" in request.features:
-        components["tokenizer"] = _english_tokenizer_digest(request.context_length)
+        components["tokenizer"] = _english_tokenizer_digest(request.context_length,
+                                                            english_tokenizer_folder(request.clip_cfg))
     return CacheKey(fingerprint=_digest(components), components=components)

@@ -26,7 +26,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -201,6 +201,45 @@ def embed_dataset(model_dir: str, data: str, out: str, split: str = "test", lang
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return sidecar
+
+
+def embed_split_local(model_dir: str, data: str, out: str | os.PathLike, split: str = "test",
+                      languages: Sequence[str] | None = None, precision: str = "fp32") -> dict:
+    """`embed_dataset`'s output for a small split, computed in this process without Ray (tests, benchmarks,
+    a few thousand images). Returns the sidecar."""
+    import pyarrow.parquet as pq
+
+    encoder = rt.Encoder(model_dir, precision=precision)
+    dataset = schema.load_manifest(data)
+    langs = resolve_languages(encoder.manifest, dataset.languages, languages)
+    rows = embed_table(encoder, schema.read_split_table(data, split, langs), langs, root=str(Path(data).resolve()))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=False)
+    pq.write_table(rows, out / "part-00000.parquet")
+    kinds = rows[KIND].to_numpy(zero_copy_only=False)
+    text_langs = rows[LANG].to_numpy(zero_copy_only=False)[kinds == TEXT_KIND]
+    sidecar = {"model": encoder.manifest.get("model", {}), "model_dir": str(Path(model_dir).resolve()),
+               "data": str(Path(data).resolve()), "split": split, "languages": langs, "precision": precision,
+               "embed_dim": encoder.embed_dim, "images": int((kinds == IMAGE_KIND).sum()),
+               "captions": {lang: int((text_langs == lang).sum()) for lang in langs}}
+    (out / SIDECAR).write_text(json.dumps(sidecar, indent=2))
+    return sidecar
+
+
+def ray_image_batches(files: Sequence[str], batch_rows: int = 65536) -> Iterator[pa.Table]:
+    """The image rows (id, kind, embedding) of embeddings files, read and filtered in Ray Data tasks and
+    streamed to the caller batch by batch, each row once (export/build_index.py --engine ray). Connects to the
+    cluster in RAY_ADDRESS or starts a local one unless Ray is already initialised."""
+    import ray
+    import ray.data
+    from ray.data.expressions import col
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False)
+    ds = ray.data.read_parquet(list(files), columns=[ID, KIND, EMBEDDING])
+    for table in ds.filter(expr=col(KIND) == IMAGE_KIND).iter_batches(batch_size=batch_rows, batch_format="pyarrow"):
+        if table.num_rows:
+            yield table
 
 
 def read_embeddings(path: str | os.PathLike, require_sidecar: bool = True) -> pa.Table:

@@ -1,6 +1,6 @@
 """The interface every text adapter implements (MLA's acquirers, DASD's dynamic adapters, any future one).
 
-`CCRModel.encode_text` runs the frozen text tower (`backbone.TextTower`) and calls, in order:
+`CCRModel.encode_text` runs the frozen text tower (`backbone.TextTower`: CLIP or HF) and calls, in order:
 
     context = adapters.prepare(tower, x0, ids, mask, lang)     once per caption batch (DASD: semantic disentangling)
     h = adapters.after_block(layer, h, lang, context)           after every frozen block

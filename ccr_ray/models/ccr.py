@@ -1,10 +1,12 @@
-"""CCRModel: a frozen CLIP plus a multilingual text path with per-language adapters (MLA or DASD).
+"""CCRModel: a frozen backbone (CLIP, or any English text tower open_clip can hold) plus a multilingual text path
+with per-language adapters (MLA or DASD).
 
 One text-encoder interface for both methods, so training, evaluation, export and tune treat them alike:
 
-    encode_image(pixels)                      -> [B, D]   CLIP image tower
-    encode_text_en(bpe_ids)                   -> [B, D]   plain CLIP text tower (English never uses adapters)
-    encode_text(ids, mask, lang)              -> [B, D]   adapted CLIP text tower for target language `lang`
+    encode_image(pixels)                      -> [B, D]   the image tower (absent from a text-only backbone)
+    encode_text_en(ids)                       -> [B, D]   the untouched English text tower (never uses adapters),
+                                                          ids from its own tokenizer (`english_tokenizer`)
+    encode_text(ids, mask, lang)              -> [B, D]   adapted text tower for target language `lang`
 
 Outputs are unnormalised (the MSE distillation compares raw 512-d features, spec 2.3); callers normalise for
 cosine similarity. Freezing goes through `param_groups()`, never through parameter-name substrings.
@@ -22,20 +24,23 @@ from ccr_ray.models import backbone
 from ccr_ray.models.adapters import TextAdapters
 from ccr_ray.models.mla import MLAAdapters
 from ccr_ray.models.multilingual import MultilingualEmbedding
-from ccr_ray.tokenization import TokenizerInfo
+from ccr_ray.stages import IMAGE_TOWER, TEXT_TOWER
+from ccr_ray.tokenization import TokenizerInfo, english_tokenizer_folder
 
 
 class CCRModel(nn.Module):
     def __init__(self, clip: nn.Module, embedding: MultilingualEmbedding, adapters: TextAdapters, tokens: TokenizerInfo,
-                 context_length: int):
+                 context_length: int, english_tokenizer: str | None = None):
         super().__init__()
         self.clip = clip
         self.embedding = embedding
         self.adapters = adapters
         self.tokens = tokens
         self.context_length = context_length
+        # the English tower's tokenizer folder (None = CLIP's BPE), as the backbone config states it
+        self.english_tokenizer = english_tokenizer
         # a view over clip's text modules (no parameters of its own): the seam adapters are inserted into
-        self.text_tower = backbone.TextTower(clip, tokens.sep_id)
+        self.text_tower = backbone.text_tower(clip, tokens.sep_id)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -49,6 +54,16 @@ class CCRModel(nn.Module):
     @property
     def num_layers(self) -> int:
         return self.text_tower.num_layers
+
+    @property
+    def has_images(self) -> bool:
+        """False for a text-only backbone: no image tower, evaluation by text-to-text retrieval."""
+        return backbone.has_image_tower(self.clip)
+
+    @property
+    def english_pad_id(self) -> int:
+        """Padding id of the English tokenizer (trailing columns of it can be cut from a batch)."""
+        return self.text_tower.english_pad_id
 
     # ------------------------------------------------------------------ encoders
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -83,7 +98,7 @@ class CCRModel(nn.Module):
         inputs = set(inputs)
         out: dict[str, torch.Tensor] = {}
 
-        def precomputed(key: str, tower: nn.Module) -> torch.Tensor:
+        def precomputed(key: str, tower: str) -> torch.Tensor:
             if self._trains(tower):
                 raise ValueError(f"the batch carries precomputed {key}, but the tower that computes them is being "
                                  "trained: cached features would be stale after the first step")
@@ -91,15 +106,15 @@ class CCRModel(nn.Module):
 
         if "image" in inputs:
             if "image_features" in batch:
-                out["image"] = precomputed("image_features", self.clip.visual)
+                out["image"] = precomputed("image_features", IMAGE_TOWER)
             else:
-                with torch.set_grad_enabled(torch.is_grad_enabled() and self._trains(self.clip.visual)):
+                with torch.set_grad_enabled(torch.is_grad_enabled() and self._trains(IMAGE_TOWER)):
                     out["image"] = self.encode_image(batch["pixels"])
         if "text_en" in inputs:
             if "text_en_features" in batch:
-                out["text_en"] = precomputed("text_en_features", self.clip.transformer)
+                out["text_en"] = precomputed("text_en_features", TEXT_TOWER)
             else:
-                with torch.set_grad_enabled(torch.is_grad_enabled() and self._trains(self.clip.transformer)):
+                with torch.set_grad_enabled(torch.is_grad_enabled() and self._trains(TEXT_TOWER)):
                     out["text_en"] = self.encode_text_en(batch["text_en_ids"])
         if "text_target" in inputs:
             features, aux = self.encode_text(batch["text_ids"], batch.get("text_mask"), lang, return_aux=True)
@@ -107,9 +122,9 @@ class CCRModel(nn.Module):
             out.update(aux)
         return out
 
-    @staticmethod
-    def _trains(module: nn.Module) -> bool:
-        return any(p.requires_grad for p in module.parameters())
+    def _trains(self, group: str) -> bool:
+        """Whether any parameter of a parameter group (param_groups) is being trained."""
+        return any(p.requires_grad for _, p in self.param_groups()[group])
 
     # ------------------------------------------------------------------ parameter groups
     def param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -170,18 +185,17 @@ def build_model(model_cfg, tokens: TokenizerInfo, clip_cfg: dict | None = None) 
     """Build a CCRModel from a `ModelConfig` (random init; weights are loaded by the caller).
 
     `clip_cfg` is the open_clip model config dict; by default it is resolved from `model_cfg.backbone.name`
-    (checkpoints store it, so loading never depends on preset files)."""
-    clip_cfg = clip_cfg or backbone.backbone_model_config(model_cfg.backbone.name)
+    (checkpoints store it, so loading never depends on preset files or an HF model folder)."""
+    clip_cfg = clip_cfg or backbone.backbone_model_config(model_cfg.backbone.name, model_cfg.backbone.hf_model)
     clip = backbone.build_clip(clip_cfg, quick_gelu=model_cfg.backbone.quick_gelu)
-    width = clip.transformer.width
-    context = model_cfg.text.context_length or clip.context_length
-    if context > clip.context_length:
-        raise ValueError(f"model.text.context_length: {context} exceeds the backbone's {clip.context_length} "
+    tower = backbone.text_tower(clip, tokens.sep_id)
+    context = model_cfg.text.context_length or tower.context_length
+    if context > tower.context_length:
+        raise ValueError(f"model.text.context_length: {context} exceeds the backbone's {tower.context_length} "
                          "positions")
-    embedding = MultilingualEmbedding(tokens.vocab_size, model_cfg.text.embed_dim, width)
-    tower = backbone.TextTower(clip, tokens.sep_id)
+    embedding = MultilingualEmbedding(tokens.vocab_size, model_cfg.text.embed_dim, tower.width, model_cfg.text.init_std)
     adapters = build_adapters(model_cfg, tower.num_layers, tower.width, tower.embed_dim)
-    return CCRModel(clip, embedding, adapters, tokens, context)
+    return CCRModel(clip, embedding, adapters, tokens, context, english_tokenizer_folder(clip_cfg))
 
 
 def load_mbert_embeddings(folder: str) -> torch.Tensor:

@@ -12,11 +12,12 @@ from torch import nn
 
 
 class MultilingualEmbedding(nn.Module):
-    def __init__(self, vocab_size: int, embed_dim: int, width: int):
+    def __init__(self, vocab_size: int, embed_dim: int, width: int, init_std: float = 0.02):
         super().__init__()
         self.token_embedding = nn.Embedding(vocab_size, embed_dim)  # E
         self.proj = nn.Linear(embed_dim, width)  # W_e, b_e
-        nn.init.normal_(self.token_embedding.weight, std=0.02)  # BERT's initializer_range
+        # N(0, init_std) unless copied from M-BERT afterwards (0.02: BERT's initializer_range)
+        nn.init.normal_(self.token_embedding.weight, std=init_std)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         # ids [B, T] -> [B, T, width]; the text tower adds its own positions (backbone.TextTower.embed)

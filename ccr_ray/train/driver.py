@@ -59,6 +59,7 @@ def build_trainer(plan: StagePlan, callbacks: list | None = None, storage_path: 
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from ccr_ray.data.pipeline import build_datasets
+    from ccr_ray.tokenization import english_tokenizer_folder
     from ccr_ray.train.worker import train_loop_per_worker
 
     cfg = plan.cfg
@@ -70,7 +71,8 @@ def build_trainer(plan: StagePlan, callbacks: list | None = None, storage_path: 
         cache, _ = ensure_feature_cache(plan.feature_cache, cfg.data, use_gpu=cfg.scaling.use_gpu,
                                         report=print)
     datasets, data_config = build_datasets(cfg, plan.stage, plan.dataset_root, plan.tokenizer_dir, plan.preprocess,
-                                           plan.context_length, plan.train_languages, cache=cache)
+                                           plan.context_length, plan.train_languages, cache=cache,
+                                           english_tokenizer=english_tokenizer_folder(plan.clip_cfg))
     spec = WorkerSpec.from_plan(plan, feature_cache=str(cache.folder) if cache is not None else None,
                                 run_name=name, storage_path=storage_path)
     scaling = ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,

@@ -180,10 +180,13 @@ def plan_stage(cfg: ExperimentConfig, config_source: str | None = None) -> Stage
         if cfg.model.backbone.pretrained and not Path(cfg.path(cfg.model.backbone.pretrained)).is_file():
             raise StageError(f"model.backbone.pretrained: no such file {cfg.path(cfg.model.backbone.pretrained)}")
         try:
-            clip_cfg = backbone.backbone_model_config(cfg.model.backbone.name)
+            clip_cfg = backbone.backbone_model_config(cfg.model.backbone.name, cfg.path(cfg.model.backbone.hf_model))
         except (ValueError, FileNotFoundError) as err:
             raise StageError(str(err)) from None
         preprocess = backbone.preprocess_from_model_config(clip_cfg)
+    if stage.needs_images and not backbone.has_image_config(clip_cfg):
+        raise StageError(f"stage {stage.name!r} needs images, and the backbone ({cfg.model.backbone.name}) is text-only "
+                         "(no image tower); text-only backbones run the text stages")
     if cfg.model.text.embeddings_init and not Path(cfg.path(cfg.model.text.embeddings_init)).is_dir():
         raise StageError(f"model.text.embeddings_init: no such folder {cfg.path(cfg.model.text.embeddings_init)}")
     context = cfg.model.text.context_length or int(clip_cfg["text_cfg"].get("context_length", 77))

@@ -43,13 +43,17 @@ def normalize_pixels(batch: dict[str, torch.Tensor], transform: ImageTransform) 
     return {**batch, "pixels": (pixels.to(torch.float32) / 255.0 - mean) / std}
 
 
-def trim_padding(batch: dict[str, torch.Tensor], padding_invariant: bool) -> dict[str, torch.Tensor]:
-    """Cut columns that are padding in every row. Exact under the causal mask: the pooled token ([SEP] /
-    EOT) never attends to later positions. Skipped when the adapter pools over padding (DASD's original mode)."""
+def trim_padding(batch: dict[str, torch.Tensor], padding_invariant: bool, en_pad_id: int = 0
+                 ) -> dict[str, torch.Tensor]:
+    """Cut columns that are padding in every row. Exact: under CLIP's causal mask the pooled token ([SEP] / EOT)
+    never attends to later positions; an HF tower masks padding out. Skipped for target captions when the adapter
+    pools over padding (DASD's original mode). English ids end at their last non-padding token (`en_pad_id`, the
+    English tokenizer's: CLIP's 0 after EOT, an HF tower's [PAD])."""
     out = dict(batch)
     if "text_en_ids" in out:
         ids = out["text_en_ids"]
-        length = int(ids.argmax(dim=1).max()) + 1  # EOT has the largest id in CLIP's vocabulary
+        positions = torch.arange(1, ids.shape[1] + 1, device=ids.device)
+        length = int(((ids != en_pad_id) * positions).max()) if ids.numel() else 0
         out["text_en_ids"] = ids[:, :length]
     if padding_invariant and "text_mask" in out:
         length = int(out["text_mask"].sum(dim=1).max())
@@ -63,7 +67,7 @@ class ModelArtifacts:
 
     clip_cfg: dict
     tokens: TokenizerInfo
-    preprocess: dict
+    preprocess: dict | None  # image preprocessing; None without an image tower
     tokenizer_dir: str
 
 
@@ -78,7 +82,7 @@ def build_stage_model(cfg: ExperimentConfig, stage: Stage, tokenizer_dir: str, p
         meta = ckpt.read_meta(parent)
         clip_cfg = meta.clip_cfg
     else:
-        clip_cfg = backbone.backbone_model_config(cfg.model.backbone.name)
+        clip_cfg = backbone.backbone_model_config(cfg.model.backbone.name, cfg.path(cfg.model.backbone.hf_model))
     if not context:
         context = int(clip_cfg["text_cfg"].get("context_length", 77))
     tokens = target_tokenizer(tokenizer_dir, context).info()
@@ -162,9 +166,11 @@ class TrainState:
         return {need for name, weight in self.cfg.loss.weights.items() if weight for need in LOSSES[name].needs}
 
     @cached_property
-    def image_transform(self) -> ImageTransform:
-        """The model's own preprocessing (fixed for the run): normalises stream pixels, preprocesses validation."""
-        return ImageTransform.from_config(self.artifacts.preprocess)
+    def image_transform(self) -> ImageTransform | None:
+        """The model's own preprocessing (fixed for the run): normalises stream pixels, preprocesses validation;
+        None for a backbone without an image tower."""
+        pre = self.artifacts.preprocess
+        return ImageTransform.from_config(pre) if pre is not None else None
 
     # ---------------------------------------------------------------- one step
     def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -172,7 +178,7 @@ class TrainState:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
         if "pixels" in batch:
             batch = normalize_pixels(batch, self.image_transform)
-        return trim_padding(batch, self.model.adapters.padding_invariant)
+        return trim_padding(batch, self.model.adapters.padding_invariant, self.model.english_pad_id)
 
     def train_step(self, batch: dict[str, torch.Tensor], lang: str) -> dict[str, float]:
         self.module.train()

@@ -114,8 +114,10 @@ def run_worker(spec: WorkerSpec, on_step: Callable[[TrainState, dict], None] | N
 
     batches = BatchStream(ray.train.get_dataset_shard(TRAIN_KEY), cfg.train.batch_size // world,
                           cfg.data.shuffle_buffer, cfg.data.prefetch_batches, cfg.train.seed + 1000 * rank)
-    # validation rows for rank 0, read directly with pyarrow: a small split, read once, no stream needed
-    val_table = (schema.read_split_table(spec.dataset_root, cfg.data.val_split, list(spec.eval_languages))
+    # validation rows for rank 0, read directly with pyarrow: a small split, read once, no stream needed (English
+    # too: the gallery of a text-only backbone's text-to-text validation)
+    val_table = (schema.read_split_table(spec.dataset_root, cfg.data.val_split,
+                                         list(dict.fromkeys(["en", *spec.eval_languages])))
                  if rank == 0 else None)
     if verbose:
         progress.info(f"[{name}] set up in {time.perf_counter() - started:.1f}s: {world} worker(s), {threads} threads "

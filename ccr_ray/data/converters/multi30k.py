@@ -58,8 +58,10 @@ def _language_files(task_dir: Path, pattern: str) -> dict[tuple, Path]:
     return found
 
 
-def check_inputs(root: str, image_dirs: list[str]) -> Path:
+def check_inputs(root: str, image_dirs: list[str], text_only: bool = False) -> Path:
     root_path = require_path(root, "--multi30k", "dir")
+    if not image_dirs and not text_only:
+        raise InputError("--images: at least one image folder is needed (or --images-as none: captions only)")
     require_path(root_path / "task1" / "image_splits", "--multi30k (task1/image_splits)", "dir")
     for folder in image_dirs:
         require_path(folder, "--images", "dir")
@@ -67,9 +69,10 @@ def check_inputs(root: str, image_dirs: list[str]) -> Path:
 
 
 def parse(root: str, image_dirs: list[str], languages: list[str] | None = None, splits: list[str] | None = None,
-          task2: bool = True) -> ParseResult:
-    root_path = check_inputs(root, image_dirs)
-    resolve = ImageResolver(image_dirs)
+          task2: bool = True, text_only: bool = False) -> ParseResult:
+    """`text_only`: no image is looked up (a captions-only dataset: `--images-as none`)."""
+    root_path = check_inputs(root, image_dirs, text_only)
+    resolve = (lambda key: "") if text_only else ImageResolver(image_dirs)
     t1, t2 = root_path / "task1", root_path / "task2"
     available = sorted((p.stem for p in (t1 / "image_splits").glob("*.txt")),
                        key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else len(SPLIT_ORDER), s))
@@ -135,10 +138,12 @@ HELP = "Multi30K raw text files"
 
 def add_arguments(parser) -> None:
     parser.add_argument("--multi30k", required=True)
-    parser.add_argument("--images", action="append", required=True)
+    parser.add_argument("--images", action="append", default=[], help="image folder(s); not with --images-as none")
     parser.add_argument("--no-task2", action="store_true", help="every language from task1 (1 caption, parallel)")
     parser.add_argument("--splits", default=None)
 
 
 def from_args(args, languages: list[str] | None) -> ParseResult:
-    return parse(args.multi30k, args.images, languages, csv_list(args.splits), task2=not args.no_task2)
+    text_only = getattr(args, "images_as", "bytes") == "none"
+    return parse(args.multi30k, [] if text_only else args.images, languages, csv_list(args.splits),
+                 task2=not args.no_task2, text_only=text_only)

@@ -139,16 +139,18 @@ def write_report(out: str | os.PathLike, report: dict) -> Path:
     return path
 
 
-def write_manifest(out: str | os.PathLike, parse: ParseResult, report: dict) -> schema.Manifest:
+def write_manifest(out: str | os.PathLike, parse: ParseResult, report: dict, tokenizer: str | None = None
+                   ) -> schema.Manifest:
     """Written last and only on success: a failed run leaves its rejects and report but no dataset.json, so no
-    stage can train on it by mistake."""
+    stage can train on it by mistake. `tokenizer`: a tokenizer folder shipped with the data (relative to it)."""
     formats = report["image_formats"]
     splits = {name: schema.SplitInfo(images=info["images"], captions=info["captions"], folds=info["folds"],
                                      files=info["files"])
               for name, info in report["splits"].items() if info["images"]}
     manifest = schema.Manifest(
         name=parse.name, languages=report["languages"], splits=splits, image_storage=report["image_storage"],
-        image_format=next(iter(formats)) if len(formats) == 1 else "mixed", tokenizer=None, source=parse.source,
+        image_format=next(iter(formats)) if len(formats) == 1 else "mixed", tokenizer=tokenizer,
+        source=parse.source,
         extra={"report": schema.PREPARE_REPORT, "rejected_records": report["rejected"]["records"],
                "bad_fraction": report["bad_fraction"]})
     schema.write_manifest(out, manifest)

@@ -23,6 +23,7 @@ from ccr_ray.data.converters.records import CORRUPT_IMAGE, MISSING_IMAGE, Record
 SOURCE = "source"
 IMAGE_FILE = "image_file"
 DRAFT_SIZE = 64  # JPEG draft decode target: libjpeg still entropy-decodes every block, at 1/8 the IDCT work
+TEXT_ONLY = "none"  # WriteSpec.image_storage of a text-only dataset (captions only, e.g. Multi30K without images)
 
 # summary rows: kind "record" (one per input record) or "shard" (one per shard: file, truncation counts)
 SUMMARY_SCHEMA = pa.schema([
@@ -38,7 +39,7 @@ SUMMARY_SCHEMA = pa.schema([
 class WriteSpec:
     out: str  # absolute dataset folder
     languages: tuple[str, ...]
-    image_storage: str = "bytes"  # "bytes": embed the encoded file; "path": store its absolute path
+    image_storage: str = "bytes"  # "bytes": embed the encoded file; "path": its absolute path; "none": text only
     context_length: int = 77
     tokenizer: str | None = None  # target-language tokenizer folder; None = truncation not checked for them
     row_group_size: int = 256
@@ -119,8 +120,10 @@ def process_shard(split: str, shard: int, records: bytes | pa.Table, spec: Write
     summary = {name: [] for name in SUMMARY_SCHEMA.names}
     out = {name: [] for name in schema.arrow_schema(langs).names}
     keep_bytes = spec.image_storage == "bytes"
+    text_only = spec.image_storage == TEXT_ONLY
     for i, image_id in enumerate(ids):
-        data, fmt, reason, detail = check_image(files[i], keep_bytes)
+        # a text-only dataset reads no image: rows carry their captions and a null image
+        data, fmt, reason, detail = (None, "", "", "") if text_only else check_image(files[i], keep_bytes)
         kept = [len(caps[lang][i]) for lang in langs]
         _summary_row(summary, "record", split, shard, image_id, reason, detail, sources[i], sum(kept), fmt, kept)
         if reason:
@@ -128,7 +131,7 @@ def process_shard(split: str, shard: int, records: bytes | pa.Table, spec: Write
         out[schema.IMAGE_ID].append(image_id)
         out[schema.SPLIT].append(split)
         out[schema.IMAGE].append(data)
-        out[schema.IMAGE_PATH].append(None if keep_bytes else files[i])
+        out[schema.IMAGE_PATH].append(None if keep_bytes or text_only else files[i])
         out[schema.FOLD].append(folds[i])
         for lang in langs:
             out[schema.captions_column(lang)].append(caps[lang][i])
