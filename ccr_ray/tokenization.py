@@ -193,7 +193,10 @@ def english_tokenizer(context_length: int) -> EnglishTokenizer:
 
 @functools.lru_cache(maxsize=8)
 def target_tokenizer(folder: str, context_length: int) -> TargetTokenizer:
-    return TargetTokenizer(folder, context_length)
+    """The tokenizer of a folder on any storage (a remote one is read through this machine's copy)."""
+    from ccr_ray.storage import localize
+
+    return TargetTokenizer(localize(folder), context_length)
 
 
 def train_wordpiece(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 8000,

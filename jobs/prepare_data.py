@@ -35,7 +35,6 @@ records (rejects and report are still written, the manifest is not).
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ from ccr_ray.cli import fail, quiet_ray_env
 from ccr_ray.data import converters, schema
 from ccr_ray.data.converters import SOURCES
 from ccr_ray.data.converters.records import InputError, ParseResult, check_languages, csv_list
+from ccr_ray.storage import Location
 
 EXIT_TOO_MANY_BAD = 3
 
@@ -72,12 +72,13 @@ def parse_source(args: argparse.Namespace, languages: list[str] | None) -> Parse
     return converters.source(args.source).from_args(args, languages)
 
 
-def prepare_out(out: str, force: bool) -> Path:
-    path = Path(out).resolve()
-    if path.exists() and not path.is_dir():
+def prepare_out(out: str, force: bool) -> Location:
+    """The output folder (local or shared storage): new or empty, or one this job wrote when --force."""
+    path = Location.of(out)
+    if path.is_file():
         raise InputError(f"--out: {path} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()):
-        ours = (path / schema.MANIFEST).exists() or (path / schema.PREPARE_REPORT).exists()
+    if path.children():
+        ours = (path / schema.MANIFEST).is_file() or (path / schema.PREPARE_REPORT).is_file()
         if not force:
             raise InputError(f"--out: {path} already exists and is not empty; --force replaces it")
         if not ours:
@@ -116,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     from ccr_ray.data.converters import report as rep
     from ccr_ray.data.converters.shards import WriteSpec, plan_shards
 
-    if args.force and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    spec = WriteSpec(out=str(out), languages=tuple(parsed.languages()), image_storage=args.images_as,
+    if args.force:
+        out.delete()
+    out.makedirs()
+    spec = WriteSpec(out=out.uri, languages=tuple(parsed.languages()), image_storage=args.images_as,
                      context_length=args.context_length, tokenizer=tokenizer)
     rejects = list(parsed.rejects)
     pre = rep.bad_fraction(sum(r.n_captions for r in parsed.records), rejects)
