@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,7 +91,8 @@ def check_image(path: str, keep_bytes: bool) -> tuple[bytes | None, str, str, st
             if min(image.size) <= 0:
                 raise ValueError(f"empty image {image.size}")
     except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        return None, "", CORRUPT_IMAGE, f"{type(err).__name__}: {err}"
+        # no object addresses (PIL names its buffer by id): a rerun writes the same rejects
+        return None, "", CORRUPT_IMAGE, re.sub(r" at 0x[0-9a-f]+", "", f"{type(err).__name__}: {err}")
     return (data if keep_bytes else None), fmt, "", ""
 
 
