@@ -12,7 +12,9 @@
                             open_clip); the model config names it when the checkpoint is read
 
 `save_checkpoint` writes into a temporary sibling folder and swaps it in with renames (storage.staged_folder), so
-a reader never sees a half-written checkpoint.
+a reader never sees a half-written checkpoint; `copy_checkpoint` publishes one to any storage the same way (on an
+object store state.json is written last, and `read_meta` requires it). Checkpoints on shared storage are read
+where they are (`read_meta`) or through a local copy (`load_checkpoint`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from ccr_ray.config import ExperimentConfig
 from ccr_ray.models.ccr import CCRModel, build_model
-from ccr_ray.storage import staged_folder
+from ccr_ray.storage import Location, localize, publish_folder, staged_folder
 from ccr_ray.tokenization import TokenizerInfo, copy_tokenizer_files, english_tokenizer_folder
 
 FORMAT_VERSION = 1
@@ -95,18 +97,18 @@ def save_checkpoint(path: str | os.PathLike, model: CCRModel, meta: CheckpointMe
     return Path(path)
 
 
-def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, drop_optimizer: bool = True) -> Path:
-    """Copy a checkpoint folder atomically (the stage output is a copy of the selected Ray checkpoint)."""
-    ignore = shutil.ignore_patterns(OPTIM_FILE) if drop_optimizer else None
-    with staged_folder(dst) as tmp:
-        shutil.copytree(src, tmp, ignore=ignore, dirs_exist_ok=True)
-    return Path(dst)
+def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike | Location, drop_optimizer: bool = True
+                    ) -> Location:
+    """Publish a local checkpoint folder at `dst` (a local path or shared storage) so that no reader sees it
+    half-written: renames on local disk; on an object store state.json goes last (read_meta needs it)."""
+    return publish_folder(src, dst, marker=STATE_FILE, ignore=(OPTIM_FILE,) if drop_optimizer else ())
 
 
-def read_meta(path: str | os.PathLike) -> CheckpointMeta:
-    folder = Path(path)
+def read_meta(path: str | os.PathLike | Location) -> CheckpointMeta:
+    """The checkpoint's config and state (a local folder or one on shared storage)."""
+    folder = Location.of(path)
     for name in (MODEL_FILE, CONFIG_FILE, STATE_FILE):
-        if not (folder / name).exists():
+        if not (folder / name).is_file():
             raise CheckpointError(f"{folder}: not a ccr-ray checkpoint (missing {name})")
     try:
         config = json.loads((folder / CONFIG_FILE).read_text())
@@ -115,16 +117,23 @@ def read_meta(path: str | os.PathLike) -> CheckpointMeta:
         raise CheckpointError(f"{folder}: malformed {CONFIG_FILE} or {STATE_FILE} ({err})") from None
     if english_tokenizer_folder(config["clip_cfg"]) and (folder / EN_TOKENIZER_DIR).is_dir():
         # the checkpoint's own copy, not the folder it was trained from (which need not exist here)
-        config["clip_cfg"]["text_cfg"]["hf_tokenizer_name"] = str((folder / EN_TOKENIZER_DIR).resolve())
+        # (on an object store, its URI: load_checkpoint reads through a local copy, whose read_meta rewrites it)
+        english = folder / EN_TOKENIZER_DIR
+        config["clip_cfg"]["text_cfg"]["hf_tokenizer_name"] = str(english.local_path().resolve()) \
+            if english.is_local else english.uri
     return CheckpointMeta(config=config["experiment"], clip_cfg=config["clip_cfg"], tokens=config["tokens"],
                           preprocess=config["preprocess"], stage=state["stage"], step=state["step"],
                           metrics=state.get("metrics", {}), best_score=state.get("best_score"),
                           best_step=state.get("best_step"), log=state.get("log", []))
 
 
-def tokenizer_of(path: str | os.PathLike) -> str | None:
-    folder = Path(path) / TOKENIZER_DIR
-    return str(folder) if folder.is_dir() else None
+def is_checkpoint(path: str | os.PathLike | Location) -> bool:
+    return (Location.of(path) / STATE_FILE).is_file() and (Location.of(path) / MODEL_FILE).is_file()
+
+
+def tokenizer_of(path: str | os.PathLike | Location) -> str | None:
+    folder = Location.of(path) / TOKENIZER_DIR
+    return folder.uri if folder.is_dir() else None
 
 
 def read_tensors(file: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -137,8 +146,11 @@ def read_tensors(file: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt? {err})") from None
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[CCRModel, CheckpointMeta]:
-    """Rebuild the model from the folder alone and load its weights (strict)."""
+def load_checkpoint(path: str | os.PathLike | Location, device: str | torch.device = "cpu"
+                    ) -> tuple[CCRModel, CheckpointMeta]:
+    """Rebuild the model from the folder alone and load its weights (strict); a checkpoint on shared storage is
+    read through a local copy (storage.localize)."""
+    path = localize(path)
     meta = read_meta(path)
     cfg = meta.experiment
     model = build_model(cfg.model, TokenizerInfo(**meta.tokens), clip_cfg=meta.clip_cfg)
@@ -147,6 +159,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
 
 
 def load_tensors(path: str | os.PathLike, name: str) -> dict[str, torch.Tensor] | None:
+    """A local checkpoint's tensor file, or None when it has none."""
     file = Path(path) / name
     return read_tensors(file) if file.exists() else None
 

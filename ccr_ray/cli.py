@@ -25,6 +25,25 @@ def quiet_ray_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def plan_from_args(stage: str, config: str, overrides: list[str]):
+    """A job's config (defaults < stage table < --config < --set) and its stage plan: every check that needs no
+    cluster. Raises ConfigError or StageError, each naming the field or path."""
+    from ccr_ray.stages import resolve_config
+    from ccr_ray.train.plan import plan_stage
+
+    cfg = resolve_config(stage, config, overrides)
+    return cfg, plan_stage(cfg, config)
+
+
+def local_log_file(cfg) -> Path:
+    """Where a job keeps Ray's own logs: beside the stage's outputs when runs are on local disk, else under
+    {home}/logs (logs are written as they come, which an object store cannot append to)."""
+    where = cfg.stage_location()
+    if where.is_local:
+        return where.local_path() / "ray.log"
+    return cfg.home / "logs" / cfg.run.experiment / f"{cfg.stage}-ray.log"
+
+
 def print_retrieval_report(report: dict, title: str, seconds: float, out: str | None) -> None:
     """The per-language recall table and mean mR of an evaluation report; the report as JSON to `out`."""
     from ccr_ray.eval.retrieval import format_recall_table

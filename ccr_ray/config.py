@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ccr_ray.storage import Location
+
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
 # Language codes the project knows how to name, tokenize and evaluate. English always takes the CLIP path.
@@ -151,13 +153,21 @@ class ScalingConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0  # Ray CPUs reserved per Train worker
+    # other Ray resources each worker needs, e.g. {"accel": 1}: a custom resource that pins workers to nodes
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # SPREAD: across nodes
+    # an autoscaling cluster may not have the workers' nodes yet: wait for them instead of failing before the run
+    wait_for_resources: bool = False
     torch_threads: int = 0  # intra-op threads per worker; 0 = (node cores - data.max_cpus) / workers on the node
 
 
 @dataclass
 class RunConfig:
     home: str = ""  # root for data and runs; "" = $CCR_RAY_HOME or ~/ccr_ray
-    experiment: str = "demo"  # runs go to {home}/runs/{experiment}/{stage}; no timestamps, so runs resume
+    # where runs live: a local or shared-mount folder, or an object store URI (s3://bucket/prefix, gs://..., any
+    # pyarrow filesystem); every node of a multi-node cluster must reach it. "" = {home}/runs
+    storage: str = ""
+    experiment: str = "demo"  # runs go to {storage}/{experiment}/{stage}; no timestamps, so runs resume
     # explicit start instead of the stage table's parent: a checkpoint folder, or "pretrained" = the local CLIP file
     # in model.backbone.pretrained with fresh multilingual weights (DASD's cross-lingual finetune starts so)
     init_from: str = ""
@@ -202,8 +212,18 @@ class ExperimentConfig:
             return value
         return resolve_package_path(os.path.expanduser(value.replace("{home}", str(self.home))))
 
+    @property
+    def runs_root(self) -> str:
+        """`run.storage` expanded: a local path or a URI."""
+        return self.path(self.run.storage) if self.run.storage else str(self.home / "runs")
+
+    def stage_location(self, stage: str | None = None) -> Location:
+        """{run.storage}/{experiment}/{stage} on whatever storage it is."""
+        return Location.of(self.runs_root) / self.run.experiment / (stage or self.stage)
+
     def stage_dir(self, stage: str | None = None) -> Path:
-        return self.home / "runs" / self.run.experiment / (stage or self.stage)
+        """The same folder as a local Path (for tools that only run against local storage)."""
+        return self.stage_location(stage).local_path()
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:

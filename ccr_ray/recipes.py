@@ -43,8 +43,8 @@ def run_recipe(recipe: Recipe, configs: dict[str, ExperimentConfig], config_sour
     for stage, cfg in configs.items():
         started = time.perf_counter()
         plan = plan_stage(cfg, config_source)
-        done = cfg.stage_dir() / "result.json"
-        if not fresh and done.exists() and json.loads(done.read_text()).get("run", "").endswith(plan.run_name):
+        done = cfg.stage_location() / "result.json"
+        if not fresh and done.is_file() and json.loads(done.read_text()).get("run_name") == plan.run_name:
             say(f"[{stage}] reusing {plan.output_dir / 'checkpoint'} (same config; --fresh retrains)")
             run.reused.append(stage)
             continue

@@ -1,19 +1,38 @@
-"""Writing folders and files so that a reader never sees them half-written.
+"""One filesystem layer for everything that may live on shared storage: runs, checkpoints, datasets, caches.
+
+    Location.of("/data/x" | "s3://bucket/x?endpoint_override=..." | "gs://...")   a path inside a pyarrow
+                                           filesystem; exists / read / write / list / delete / upload / download
+    publish_folder(local, target, marker)  put a finished folder in place so no reader sees it half-written
+    localize(location)                     a local path for libraries that open files by path (tokenizers,
+                                           safetensors), downloaded once per node when the location is remote
+    parquet_file / read_table / ray_paths  Parquet through the location's filesystem
+
+and, for local folders and files:
 
     with staged_folder(target) as tmp:     write into a hidden sibling; on success it replaces `target` by renames,
         ...                                on an exception it is removed and `target` is left as it was
     swap_in(tmp, target)                   the rename step alone, for writers that stage over several calls
     atomic_write_text(path, text)          a file, by rename
+
+A multi-node cluster needs storage every node reads and writes (an object store URI, or a mount at the same path
+on every node): `run.storage`, `data.pretrain`/`data.downstream` and `data.feature_cache_dir` accept either.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
+import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 
 def _sibling(target: Path, tag: str) -> Path:
@@ -53,3 +72,249 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------- shared storage
+
+def is_uri(path: str | os.PathLike) -> bool:
+    """`s3://...`, `gs://...`, `file://...`: anything pyarrow resolves to a filesystem by its scheme."""
+    return "://" in str(path)
+
+
+@dataclass(frozen=True)
+class Location:
+    """A file or folder on local disk, a shared mount or an object store, behind one pyarrow filesystem.
+
+    Built from what a user writes (`/data/x`, `~/x`, `s3://bucket/x?endpoint_override=127.0.0.1:9000&scheme=http`,
+    `gs://bucket/x`); `uri` keeps that form (query included) so another process can rebuild it, `path` is the
+    path inside `fs`. Joining keeps the query: `Location.of("s3://b/runs?region=x") / "a"` is s3://b/runs/a?region=x.
+    """
+
+    uri: str
+    fs: pafs.FileSystem = field(compare=False, repr=False)
+    path: str
+
+    @classmethod
+    def of(cls, where: str | os.PathLike | Location) -> Location:
+        if isinstance(where, Location):
+            return where
+        text = str(where)
+        if not is_uri(text):
+            local = str(Path(os.path.expanduser(text)).absolute())
+            return cls(local, pafs.LocalFileSystem(), local)
+        fs, path = pafs.FileSystem.from_uri(text)
+        return cls(text, fs, path.rstrip("/"))
+
+    # -------------------------------------------------------------- names
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    @property
+    def name(self) -> str:
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    def __truediv__(self, part: str) -> Location:
+        return self.join(part)
+
+    def join(self, *parts: str) -> Location:
+        tail = "/".join(str(p).strip("/") for p in parts if str(p))
+        if not tail:
+            return self
+        if self.is_local and not is_uri(self.uri):
+            path = os.path.join(self.path, tail)
+            return Location(path, self.fs, path)
+        base, sep, query = self.uri.partition("?")
+        return Location(f"{base.rstrip('/')}/{tail}{sep}{query}", self.fs, f"{self.path.rstrip('/')}/{tail}")
+
+    @property
+    def parent(self) -> Location:
+        head = self.path.rstrip("/").rsplit("/", 1)[0]
+        if self.is_local and not is_uri(self.uri):
+            return Location(head, self.fs, head)
+        base, sep, query = self.uri.partition("?")
+        return Location(f"{base.rstrip('/').rsplit('/', 1)[0]}{sep}{query}", self.fs, head)
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def relative_to(self, root: str | os.PathLike | Location) -> str:
+        """This location's path below `root` (its own path when it is not below it)."""
+        base = Location.of(root).path.rstrip("/") + "/"
+        return self.path[len(base):] if self.path.startswith(base) else self.path
+
+    def local_path(self) -> Path:
+        """This location as a local Path (only for local storage)."""
+        if not self.is_local:
+            raise ValueError(f"{self.uri} is not on the local filesystem")
+        return Path(self.path)
+
+    # -------------------------------------------------------------- queries
+    def info(self) -> pafs.FileInfo:
+        return self.fs.get_file_info(self.path)
+
+    def exists(self) -> bool:
+        return self.info().type != pafs.FileType.NotFound
+
+    def is_file(self) -> bool:
+        return self.info().type == pafs.FileType.File
+
+    def is_dir(self) -> bool:
+        """A folder; on an object store, a prefix with something under it."""
+        if self.info().type == pafs.FileType.Directory:
+            return self.is_local or bool(self.children())
+        return False
+
+    def size(self) -> int:
+        return int(self.info().size)
+
+    def children(self) -> list[str]:
+        """Names directly inside this folder (sorted); [] when it does not exist."""
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(i.base_name for i in infos)
+
+    def walk_files(self) -> list[tuple[str, int]]:
+        """(path relative to this folder, size) of every file below it."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True, allow_not_found=True))
+        base = self.path.rstrip("/") + "/"
+        return sorted((i.path[len(base):], int(i.size)) for i in infos if i.type == pafs.FileType.File)
+
+    # -------------------------------------------------------------- reading and writing
+    def read_bytes(self) -> bytes:
+        with self.fs.open_input_stream(self.path) as f:
+            return f.read()
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def write_bytes(self, data: bytes) -> None:
+        """Local files are written beside and renamed (atomic); an object store's PUT is atomic itself."""
+        if self.is_local:
+            path = self.local_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _sibling(path, "tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+            return
+        with self.fs.open_output_stream(self.path) as f:
+            f.write(data)
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode())
+
+    def makedirs(self) -> None:
+        self.fs.create_dir(self.path, recursive=True)
+
+    def delete(self) -> None:
+        """The file or the whole folder; nothing when it does not exist."""
+        info = self.info()
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path)
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(self.path)
+
+    def upload_from(self, local: str | os.PathLike) -> None:
+        """Copy a local folder's files under this location (overwriting same-named files)."""
+        pafs.copy_files(str(Path(local).absolute()), self.path, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=self.fs)
+
+    def download_to(self, local: str | os.PathLike) -> Path:
+        local = Path(local)
+        local.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(self.path, str(local.absolute()), source_filesystem=self.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        return local
+
+
+def publish_folder(local: str | os.PathLike, target: str | os.PathLike | Location, marker: str,
+                   ignore: Sequence[str] = ()) -> Location:
+    """Put a finished local folder at `target` so that no reader sees it half-written. Local disk: renames
+    (swap_in). Object stores have no rename: the old `marker` file is deleted first, every other file is uploaded,
+    the marker last, so a reader that checks for the marker (read_meta: state.json; the feature cache: cache.json)
+    sees the old folder, no folder, or the whole new one. `ignore`: file-name patterns left out."""
+    target = Location.of(target)
+    skip = shutil.ignore_patterns(*ignore) if ignore else None
+    if target.is_local:
+        with staged_folder(target.local_path()) as tmp:
+            shutil.copytree(local, tmp, dirs_exist_ok=True, ignore=skip)
+        return target
+    (target / marker).delete()
+    for name, _ in target.walk_files():  # a previous version's files: none may outlive this publish
+        (target / name).delete()
+    staging = Path(tempfile.mkdtemp(prefix="ccr-publish-"))
+    try:
+        shutil.copytree(local, staging / "x", ignore=shutil.ignore_patterns(marker, *ignore))
+        target.upload_from(staging / "x")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    (target / marker).write_bytes((Path(local) / marker).read_bytes())
+    return target
+
+
+def localize(where: str | os.PathLike | Location, cache_root: str | os.PathLike | None = None) -> str:
+    """A local path to read `where` (a file or a folder) through: itself when it is local; else a copy downloaded
+    once per machine into `cache_root` (default: the temp folder), keyed by the URI and the names and sizes of its
+    files, so a changed remote folder is fetched again. For what libraries open by path: tokenizer folders,
+    parent checkpoints, weight files."""
+    loc = Location.of(where)
+    if loc.is_local:
+        return loc.path
+    folder = loc.info().type == pafs.FileType.Directory
+    listing = loc.walk_files() if folder else [(loc.name, loc.size())]
+    if not listing:
+        raise FileNotFoundError(f"{loc.uri}: nothing there")
+    key = hashlib.sha256(json.dumps([loc.uri, listing]).encode()).hexdigest()[:16]
+    dest = Path(cache_root or Path(tempfile.gettempdir()) / "ccr-ray-remote") / f"{key}-{loc.name}"
+    if not dest.exists():
+        tmp = _sibling(dest, "tmp")
+        try:
+            if folder:
+                loc.download_to(tmp)
+            else:
+                tmp.mkdir(parents=True)
+                (tmp / loc.name).write_bytes(loc.read_bytes())
+            try:
+                os.replace(tmp, dest)
+            except OSError:  # another process on this machine fetched it first
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return str(dest if folder else dest / loc.name)
+
+
+# ---------------------------------------------------------------------------------------------- Parquet
+
+
+def parquet_file(where: str | os.PathLike | Location) -> pq.ParquetFile:
+    loc = Location.of(where)
+    return pq.ParquetFile(loc.fs.open_input_file(loc.path))
+
+
+def read_table(where: str | os.PathLike | Location, columns: Sequence[str] | None = None):
+    loc = Location.of(where)
+    return pq.read_table(loc.path, columns=list(columns) if columns else None, filesystem=loc.fs)
+
+
+def write_table(table, where: str | os.PathLike | Location, **kwargs) -> None:
+    """Local: written beside and renamed (readers never see half a file); object stores: one PUT."""
+    loc = Location.of(where)
+    if loc.is_local:
+        path = loc.local_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _sibling(path, "tmp")
+        pq.write_table(table, tmp, **kwargs)
+        os.replace(tmp, path)
+    else:
+        pq.write_table(table, loc.path, filesystem=loc.fs, **kwargs)
+
+
+def ray_paths(uris: Sequence[str]) -> tuple[list[str], pafs.FileSystem | None]:
+    """Paths and filesystem for `ray.data.read_parquet` (one filesystem for all; None = local paths as given)."""
+    locations = [Location.of(u) for u in uris]
+    if not locations or all(loc.is_local for loc in locations):
+        return [loc.path for loc in locations], None
+    return [loc.path for loc in locations], locations[0].fs

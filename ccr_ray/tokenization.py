@@ -266,7 +266,10 @@ def copy_tokenizer_files(source: str | Path, target: str | Path) -> Path:
 
 @functools.lru_cache(maxsize=8)
 def target_tokenizer(folder: str, context_length: int) -> TargetTokenizer:
-    return TargetTokenizer(folder, context_length)
+    """The tokenizer of a folder on any storage (a remote one is read through this machine's copy)."""
+    from ccr_ray.storage import localize
+
+    return TargetTokenizer(localize(folder), context_length)
 
 
 def train_wordpiece(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 8000,

@@ -24,9 +24,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ccr_ray.cli import fail, quiet_ray_env
+from ccr_ray.cli import fail, plan_from_args, quiet_ray_env
 from ccr_ray.config import ConfigError
-from ccr_ray.stages import STAGES, resolve_config
+from ccr_ray.stages import STAGES
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,16 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [*args.overrides, "data.feature_cache=true"]
     if args.use_gpu:
         overrides.append("scaling.use_gpu=true")
-    try:
-        cfg = resolve_config(args.stage, args.config, overrides)
-    except ConfigError as err:
-        return fail(str(err))
     from ccr_ray.features.store import prune_stale, stale_caches
-    from ccr_ray.train.plan import StageError, plan_stage
+    from ccr_ray.train.plan import StageError
 
     try:
-        plan = plan_stage(cfg, args.config)
-    except StageError as err:
+        cfg, plan = plan_from_args(args.stage, args.config, overrides)
+    except (ConfigError, StageError) as err:
         return fail(str(err))
     cache = plan.feature_cache
     if not cache.applicable:

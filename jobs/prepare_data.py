@@ -40,7 +40,6 @@ records (rejects and report are still written, the manifest is not).
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -49,6 +48,7 @@ from ccr_ray.cli import fail, quiet_ray_env
 from ccr_ray.data import converters, schema
 from ccr_ray.data.converters import SOURCES
 from ccr_ray.data.converters.records import InputError, ParseResult, check_languages, csv_list
+from ccr_ray.storage import Location
 from ccr_ray.tokenization import SPECIAL_TOKENS
 
 EXIT_TOO_MANY_BAD = 3
@@ -79,12 +79,13 @@ def parse_source(args: argparse.Namespace, languages: list[str] | None) -> Parse
     return converters.source(args.source).from_args(args, languages)
 
 
-def prepare_out(out: str, force: bool) -> Path:
-    path = Path(out).resolve()
-    if path.exists() and not path.is_dir():
+def prepare_out(out: str, force: bool) -> Location:
+    """The output folder (local or shared storage): new or empty, or one this job wrote when --force."""
+    path = Location.of(out)
+    if path.is_file():
         raise InputError(f"--out: {path} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()):
-        ours = (path / schema.MANIFEST).exists() or (path / schema.PREPARE_REPORT).exists()
+    if path.children():
+        ours = (path / schema.MANIFEST).is_file() or (path / schema.PREPARE_REPORT).is_file()
         if not force:
             raise InputError(f"--out: {path} already exists and is not empty; --force replaces it")
         if not ours:
@@ -93,19 +94,22 @@ def prepare_out(out: str, force: bool) -> Path:
     return path
 
 
-def train_data_tokenizer(out: Path, report: dict, vocab_size: int) -> str:
+def train_data_tokenizer(out: Location, report: dict, vocab_size: int) -> str:
     """Train the WordPiece tokenizer on the written train split's non-English captions; its folder (relative)."""
-    import pyarrow.parquet as pq
+    import tempfile
 
+    from ccr_ray.storage import read_table
     from ccr_ray.tokenization import train_wordpiece
 
     info = report["splits"].get("train")
     if not info or not info["files"]:
         raise InputError("--wordpiece: the dataset has no train split to train the tokenizer on")
     columns = [schema.captions_column(lang) for lang in report["languages"] if lang != "en"]
-    texts = [caption for file in info["files"] for column in pq.read_table(out / file, columns=columns).columns
+    texts = [caption for file in info["files"] for column in read_table(out / file, columns=columns).columns
              for captions in column.to_pylist() for caption in captions]
-    train_wordpiece(texts, out / schema.TOKENIZER_DIR, vocab_size=vocab_size)
+    with tempfile.TemporaryDirectory(prefix="ccr-wordpiece-") as tmp:  # trained here, then copied to --out
+        train_wordpiece(texts, Path(tmp) / schema.TOKENIZER_DIR, vocab_size=vocab_size)
+        (out / schema.TOKENIZER_DIR).upload_from(Path(tmp) / schema.TOKENIZER_DIR)
     return schema.TOKENIZER_DIR
 
 
@@ -143,10 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     from ccr_ray.data.converters import report as rep
     from ccr_ray.data.converters.shards import WriteSpec, plan_shards
 
-    if args.force and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    spec = WriteSpec(out=str(out), languages=tuple(parsed.languages()), image_storage=args.images_as,
+    if args.force:
+        out.delete()
+    out.makedirs()
+    spec = WriteSpec(out=out.uri, languages=tuple(parsed.languages()), image_storage=args.images_as,
                      context_length=args.context_length, tokenizer=tokenizer)
     rejects = list(parsed.rejects)
     pre = rep.bad_fraction(sum(r.n_captions for r in parsed.records), rejects)

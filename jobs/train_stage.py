@@ -23,9 +23,9 @@ import argparse
 import json
 import sys
 
-from ccr_ray.cli import fail, quiet_ray_env
+from ccr_ray.cli import fail, local_log_file, plan_from_args, quiet_ray_env
 from ccr_ray.config import ConfigError
-from ccr_ray.stages import STAGES, resolve_config
+from ccr_ray.stages import STAGES
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,16 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append("scaling.use_gpu=true")
     if args.verbose:
         overrides.append("run.verbose=true")
-    try:
-        cfg = resolve_config(args.stage, args.config, overrides)
-    except ConfigError as err:
-        return fail(str(err))
     from ccr_ray.train.driver import run_stage
-    from ccr_ray.train.plan import StageError, plan_stage
+    from ccr_ray.train.plan import StageError
 
     try:
-        plan = plan_stage(cfg, args.config)
-    except StageError as err:
+        cfg, plan = plan_from_args(args.stage, args.config, overrides)
+    except (ConfigError, StageError) as err:
         return fail(str(err))
     if args.dry_run:
         print(json.dumps(cfg.to_dict(), indent=2))
@@ -69,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from ccr_ray.ray_utils import quiet_logs
 
-    quiet_logs(plan.output_dir / "ray.log", verbose=cfg.run.verbose)
+    quiet_logs(local_log_file(cfg), verbose=cfg.run.verbose)
     try:
         result = run_stage(plan, fresh=args.fresh)
     except StageError as err:

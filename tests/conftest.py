@@ -5,8 +5,11 @@ Nothing downloads: HF_HUB_OFFLINE is set before anything imports transformers.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,27 @@ FIXTURES = Path(__file__).parent / "fixtures"
 MICRO_PRESET = str(FIXTURES / "micro-vit.json")
 SHARED_DATA = Path(os.environ.get("CCR_RAY_SHARED_DATA", REPO.parent / "shared" / "data"))
 sys.path.insert(0, str(REPO / "jobs"))  # tests import the job CLIs by module name
+
+
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@contextlib.contextmanager
+def private_ray(prefix: str = "ccrray-", env: dict | None = None, **init):
+    """A private local Ray (never attached to a stray cluster) with a short temp dir (Ray's socket paths have a
+    length limit), shut down and removed afterwards."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    temp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    ray.init(**{"address": "local", "num_cpus": 2, "_temp_dir": temp, "log_to_driver": False,
+                "runtime_env": {"env_vars": {**WORKER_ENV, **(env or {})}}, **init})
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -19,9 +19,10 @@ import ray.data
 from ccr_ray.data.converters.shards import SUMMARY_SCHEMA, WriteSpec, process_shard
 
 
-def _process(batch: pa.Table, spec: WriteSpec) -> pa.Table:
+def process_batch(batch: pa.Table, spec: WriteSpec) -> pa.Table:
     tables = [process_shard(row["split"], int(row["shard"]), row["records"], spec) for row in batch.to_pylist()]
     return pa.concat_tables(tables) if tables else SUMMARY_SCHEMA.empty_table()
+
 
 
 def run_shards(shards: list[dict], spec: WriteSpec, task_cpus: float = 0.5) -> pa.Table:
@@ -29,7 +30,7 @@ def run_shards(shards: list[dict], spec: WriteSpec, task_cpus: float = 0.5) -> p
     if not shards:
         return SUMMARY_SCHEMA.empty_table()
     ds = ray.data.from_items(shards, override_num_blocks=len(shards))  # one block (one task) per shard
-    ds = ds.map_batches(_process, fn_kwargs={"spec": spec}, batch_size=1, batch_format="pyarrow",
+    ds = ds.map_batches(process_batch, fn_kwargs={"spec": spec}, batch_size=1, batch_format="pyarrow",
                         num_cpus=task_cpus)
     tables = [t for t in ds.iter_batches(batch_size=None, batch_format="pyarrow") if t.num_rows]
     return pa.concat_tables(tables).cast(SUMMARY_SCHEMA) if tables else SUMMARY_SCHEMA.empty_table()

@@ -7,9 +7,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from ccr_ray.data.preprocess import PREPROCESS_BATCH, PreprocessSpec, TrainPreprocessor
+from ccr_ray.storage import parquet_file
 
 
 def local_batches(files: Sequence[str], spec: PreprocessSpec, batch_size: int, repeat: bool = True
@@ -22,7 +22,7 @@ def local_batches(files: Sequence[str], spec: PreprocessSpec, batch_size: int, r
     pending: dict[str, np.ndarray] | None = None
     while True:
         for file in files:
-            for rb in pq.ParquetFile(file).iter_batches(batch_size=PREPROCESS_BATCH, columns=spec.columns):
+            for rb in parquet_file(file).iter_batches(batch_size=PREPROCESS_BATCH, columns=spec.columns):
                 part = pre({c: rb.column(c).to_numpy(zero_copy_only=False) for c in rb.schema.names})
                 pending = part if pending is None else {k: np.concatenate([pending[k], part[k]]) for k in part}
                 while len(next(iter(pending.values()))) >= batch_size:

@@ -28,12 +28,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from ccr_ray.storage import atomic_write_text
+from ccr_ray.storage import Location, read_table
 
 IMAGE_ID = "image_id"
 SPLIT = "split"
@@ -117,9 +115,9 @@ class DatasetError(ValueError):
 
 
 def load_manifest(root: str | os.PathLike) -> Manifest:
-    root = Path(root)
-    path = root / MANIFEST
-    if not path.exists():
+    """The manifest of a dataset folder on any storage (storage.Location)."""
+    path = Location.of(root) / MANIFEST
+    if not path.is_file():
         raise DatasetError(f"{path}: no dataset manifest (is {root} a ccr-ray dataset folder?)")
     try:
         return Manifest.from_dict(json.loads(path.read_text()))
@@ -128,19 +126,21 @@ def load_manifest(root: str | os.PathLike) -> Manifest:
 
 
 def write_manifest(root: str | os.PathLike, manifest: Manifest) -> None:
-    """Atomic write: readers never see a half-written manifest."""
-    atomic_write_text(Path(root) / MANIFEST, manifest.to_json())
+    """Written last by every writer, atomically: readers never see a half-written manifest."""
+    (Location.of(root) / MANIFEST).write_text(manifest.to_json())
 
 
 def split_files(root: str | os.PathLike, split: str) -> list[str]:
+    """The split's shards as paths or URIs (on the dataset's own storage), in manifest order."""
     manifest = load_manifest(root)
     if split not in manifest.splits:
         raise DatasetError(f"{root}: no split {split!r} (splits: {', '.join(manifest.splits)})")
-    files = [str(Path(root) / f) for f in manifest.splits[split].files]
-    missing = [f for f in files if not os.path.exists(f)]
+    base = Location.of(root)
+    files = [base / f for f in manifest.splits[split].files]
+    missing = [f for f in files if not f.is_file()]
     if missing:
         raise DatasetError(f"{missing[0]}: shard listed in the manifest is missing")
-    return files
+    return [f.uri for f in files]
 
 
 def read_split_table(root: str | os.PathLike, split: str, languages: list[str] | None = None,
@@ -150,4 +150,4 @@ def read_split_table(root: str | os.PathLike, split: str, languages: list[str] |
     cols = [IMAGE_ID, FOLD] + ([IMAGE, IMAGE_PATH] if with_images else [])
     langs = languages or manifest.languages
     cols += [captions_column(lang) for lang in langs if lang in manifest.languages]
-    return pa.concat_tables(pq.read_table(f, columns=cols) for f in split_files(root, split))
+    return pa.concat_tables(read_table(f, columns=cols) for f in split_files(root, split))

@@ -82,12 +82,18 @@ class ImageTransform:
 
 
 def open_image(data: bytes | None, path: str | None = None, root: str | None = None) -> Image.Image:
-    """Decode embedded bytes, or open a path (relative paths are relative to the dataset root)."""
+    """Decode embedded bytes, or open a path (relative paths are relative to the dataset root, which may be a URI)."""
     if data is not None:
         image = Image.open(io.BytesIO(data))
     elif path:
-        full = path if os.path.isabs(path) or root is None else os.path.join(root, path)
-        image = Image.open(full)
+        # storage (pyarrow) only for images by path: the torch-free runtime decodes bytes without it
+        from ccr_ray.storage import Location, is_uri
+
+        if is_uri(path) or (root is not None and is_uri(root) and not os.path.isabs(path)):
+            where = Location.of(path) if is_uri(path) else Location.of(root) / path  # a dataset on shared storage
+            image = Image.open(io.BytesIO(where.read_bytes()))
+        else:
+            image = Image.open(path if os.path.isabs(path) or root is None else os.path.join(root, path))
     else:
         raise ValueError("record has neither image bytes nor an image path")
     image.load()

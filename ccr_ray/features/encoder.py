@@ -11,7 +11,6 @@ import logging
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ccr_ray.data import schema
 from ccr_ray.data.transforms import ImageTransform, open_image
@@ -19,6 +18,7 @@ from ccr_ray.features import CacheError
 from ccr_ray.features.keys import CacheKey, CacheRequest
 from ccr_ray.features.store import IMAGE_EMBEDDING, TEXT_EN_EMBEDDINGS, CacheInfo, CacheWriter, feature_schema
 from ccr_ray.features.weights import load_frozen_clip, tower_digests
+from ccr_ray.storage import parquet_file
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def build_cache_in_process(request: CacheRequest, key: CacheKey, batch_size: int
     writer = CacheWriter(request, key)
     try:
         for source in writer.sources:
-            for rb in pq.ParquetFile(source).iter_batches(batch_size=batch_size, columns=encoder_columns(request)):
+            for rb in parquet_file(source).iter_batches(batch_size=batch_size, columns=encoder_columns(request)):
                 writer.add(encoder({c: rb.column(c).to_numpy(zero_copy_only=False) for c in rb.schema.names}))
         return writer.finish({"builder": "in-process", "batch_size": batch_size}, replace=replace)
     except BaseException:

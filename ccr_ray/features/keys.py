@@ -17,9 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ccr_ray.data import schema
@@ -27,6 +25,7 @@ from ccr_ray.data.transforms import ImageTransform
 from ccr_ray.features import CacheError
 from ccr_ray.features.weights import _weights_file, load_clip_state, tower_digests
 from ccr_ray.stages import INPUT_TOWERS
+from ccr_ray.storage import Location
 from ccr_ray.tokenization import english_tokenizer_folder
 
 FORMAT_VERSION = 1  # bump when the encoding or the layout changes: every older cache then reads as stale
@@ -80,9 +79,9 @@ class CacheKey:
         return self.fingerprint[:KEY_CHARS]
 
 
-def _stat(path: Path) -> tuple[int, int]:
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns
+def _stat(loc: Location) -> tuple[int, int]:
+    info = loc.info()
+    return int(info.size), int(info.mtime_ns or 0)
 
 
 @functools.lru_cache(maxsize=16)
@@ -109,8 +108,9 @@ def dataset_identity(root: str, split: str) -> list[dict]:
     rewriting a shard invalidates it)."""
     out = []
     for file in schema.split_files(root, split):
-        size, mtime = _stat(Path(file))
-        out.append({"file": os.path.relpath(file, root), "bytes": size, "mtime_ns": mtime})
+        loc = Location.of(file)
+        size, mtime = _stat(loc)
+        out.append({"file": loc.relative_to(root), "bytes": size, "mtime_ns": mtime})
     return out
 
 

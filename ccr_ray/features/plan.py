@@ -6,12 +6,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from ccr_ray.features import CacheError
 from ccr_ray.features.keys import CacheKey, CacheRequest, cache_key, cacheable_inputs
 from ccr_ray.features.store import CacheInfo, CacheStatus, cache_folder, check_cache, open_cache, stale_caches
 from ccr_ray.stages import INPUT_TOWERS
+from ccr_ray.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class FeatureCachePlan:
         return bool(self.features)
 
     @property
-    def folder(self) -> Path:
+    def folder(self) -> Location:
         return cache_folder(self.request, self.key)
 
     def describe(self) -> str:

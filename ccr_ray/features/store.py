@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ import pyarrow.parquet as pq
 from ccr_ray.data import schema
 from ccr_ray.features import CacheError
 from ccr_ray.features.keys import FORMAT_VERSION, CacheKey, CacheRequest, dataset_identity
-from ccr_ray.storage import swap_in
+from ccr_ray.storage import Location, parquet_file, publish_folder, read_table, swap_in
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +54,20 @@ class CacheStatus:
     reason: str = ""  # why not (missing, incomplete, changed shard, other fingerprint)
 
 
-def cache_folder(request: CacheRequest, key: CacheKey) -> Path:
-    return Path(request.cache_dir) / key.short
+def cache_folder(request: CacheRequest, key: CacheKey) -> Location:
+    return Location.of(request.cache_dir) / key.short
 
 
-def _read_meta(folder: Path) -> dict | None:
+def _read_meta(folder: Location) -> dict | None:
     try:
         return json.loads((folder / CACHE_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return None
 
 
-def check_cache(folder: str | os.PathLike, key: CacheKey) -> CacheStatus:
+def check_cache(folder: str | os.PathLike | Location, key: CacheKey) -> CacheStatus:
     """Valid = built for exactly this fingerprint, complete, and no shard changed since. Reads metadata only."""
-    folder = Path(folder)
+    folder = Location.of(folder)
     if not folder.is_dir():
         return CacheStatus(False, f"no cache at {folder}")
     meta = _read_meta(folder)
@@ -81,10 +82,10 @@ def check_cache(folder: str | os.PathLike, key: CacheKey) -> CacheStatus:
         path = folder / shard["file"]
         if not path.is_file():
             return CacheStatus(False, f"shard {path} is missing")
-        if path.stat().st_size != shard["bytes"]:
+        if path.size() != shard["bytes"]:
             return CacheStatus(False, f"shard {path} changed since it was written")
         try:
-            footer = pq.ParquetFile(path)
+            footer = parquet_file(path)
         except (OSError, pa.ArrowException) as err:
             return CacheStatus(False, f"shard {path} is unreadable ({err})")
         if footer.metadata.num_rows != shard["rows"] or not needed <= set(footer.schema_arrow.names):
@@ -100,13 +101,14 @@ def differing(meta: dict, key: CacheKey) -> list[str]:
     return sorted(name for name in set(theirs) | set(key.components) if theirs.get(name) != key.components.get(name))
 
 
-def stale_caches(request: CacheRequest, key: CacheKey) -> list[tuple[Path, list[str]]]:
+def stale_caches(request: CacheRequest, key: CacheKey) -> list[tuple[Location, list[str]]]:
     """Caches of the same dataset split and inputs built from other weights, preprocessing, tokenizer or data."""
-    root = Path(request.cache_dir)
-    if not root.is_dir():
-        return []
+    root = Location.of(request.cache_dir)
     out = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for name in root.children():
+        if name.startswith("."):
+            continue
+        folder = root / name
         meta = _read_meta(folder)
         if meta is None or meta.get("fingerprint") == key.fingerprint:
             continue
@@ -117,10 +119,10 @@ def stale_caches(request: CacheRequest, key: CacheKey) -> list[tuple[Path, list[
     return out
 
 
-def prune_stale(request: CacheRequest, key: CacheKey) -> list[Path]:
+def prune_stale(request: CacheRequest, key: CacheKey) -> list[Location]:
     removed = []
     for folder, _ in stale_caches(request, key):
-        shutil.rmtree(folder, ignore_errors=True)
+        folder.delete()
         removed.append(folder)
     return removed
 
@@ -139,9 +141,9 @@ def feature_schema(features: tuple[str, ...], dim: int) -> pa.Schema:
 class CacheInfo:
     """An opened cache: what the training stream reads."""
 
-    folder: Path
+    folder: Location
     features: tuple[str, ...]
-    files: list[str]  # cache shards, in dataset shard order
+    files: list[str]  # cache shards (paths or URIs), in dataset shard order
     rows: int
     embed_dim: int
     fingerprint: str
@@ -149,17 +151,22 @@ class CacheInfo:
 
 
 class CacheWriter:
-    """Receives encoded rows in dataset order (any batching) and writes one cache shard per dataset shard, into a
-    staging folder that `finish` renames into place."""
+    """Receives encoded rows in dataset order (any batching) and writes one cache shard per dataset shard into a
+    local staging folder; `finish` puts it in place (a rename on local disk; on shared storage an upload with
+    cache.json last, storage.publish_folder), so a half-built cache is never seen."""
 
     def __init__(self, request: CacheRequest, key: CacheKey):
         self.request, self.key = request, key
         self.sources = schema.split_files(request.dataset_root, request.split)
-        self.expected = [pq.ParquetFile(f).metadata.num_rows for f in self.sources]
+        self.expected = [parquet_file(f).metadata.num_rows for f in self.sources]
         self.folder = cache_folder(request, key)
-        self.folder.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = self.folder.with_name(f".{self.folder.name}.building-{uuid.uuid4().hex[:8]}")
-        self.staging.mkdir()
+        if self.folder.is_local:  # beside the target, so publishing is a rename
+            parent = self.folder.parent.local_path()
+            parent.mkdir(parents=True, exist_ok=True)
+            self.staging = parent / f".{self.folder.name}.building-{uuid.uuid4().hex[:8]}"
+            self.staging.mkdir()
+        else:
+            self.staging = Path(tempfile.mkdtemp(prefix=f"ccr-cache-{self.folder.name}-"))
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
         self.shards: list[dict] = []
@@ -189,8 +196,8 @@ class CacheWriter:
     def _write_shard(self, encoded: pa.Table | None) -> None:
         index = self.done
         source = self.sources[index]
-        captions = [c for c in pq.read_schema(source).names if c.startswith(schema.CAPTIONS_PREFIX)]
-        table = pq.read_table(source, columns=[schema.IMAGE_ID, *captions])
+        captions = [c for c in parquet_file(source).schema_arrow.names if c.startswith(schema.CAPTIONS_PREFIX)]
+        table = read_table(source, columns=[schema.IMAGE_ID, *captions])
         if encoded is None:
             encoded = feature_schema(self.request.features, self.request.embed_dim).empty_table()
         if not table.column(schema.IMAGE_ID).equals(encoded.column(schema.IMAGE_ID)):
@@ -206,8 +213,8 @@ class CacheWriter:
         name = f"part-{index:05d}.parquet"
         pq.write_table(table, self.staging / name)
         self.counts["rows"] += table.num_rows
-        self.shards.append({"file": name, "source": os.path.relpath(source, self.request.dataset_root),
-                            "rows": table.num_rows, "bytes": (self.staging / name).stat().st_size})
+        self.shards.append({"file": name, "source": Location.of(source).relative_to(self.request.dataset_root), "rows": table.num_rows,
+                            "bytes": (self.staging / name).stat().st_size})
 
     def finish(self, build: dict | None = None, replace: bool = False) -> CacheInfo:
         if self.done != len(self.sources) or self.pending_rows:
@@ -224,13 +231,18 @@ class CacheWriter:
         return open_cache(self.folder)
 
     def _publish(self, replace: bool) -> None:
-        if self.folder.exists():
-            if not replace and check_cache(self.folder, self.key).valid:
-                log.info("feature cache %s was built concurrently; keeping that one", self.folder)
+        if not replace and check_cache(self.folder, self.key).valid:
+            log.info("feature cache %s was built concurrently; keeping that one", self.folder)
+            shutil.rmtree(self.staging, ignore_errors=True)
+            return
+        if not self.folder.is_local:
+            try:
+                publish_folder(self.staging, self.folder, marker=CACHE_FILE)
+            finally:
                 shutil.rmtree(self.staging, ignore_errors=True)
-                return
+            return
         try:
-            swap_in(self.staging, self.folder)
+            swap_in(self.staging, self.folder.local_path())
         except OSError:  # another builder renamed its copy in between
             if not check_cache(self.folder, self.key).valid:
                 raise
@@ -240,20 +252,20 @@ class CacheWriter:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def open_cache(folder: str | os.PathLike) -> CacheInfo:
+def open_cache(folder: str | os.PathLike | Location) -> CacheInfo:
     """Read cache.json (callers check validity first: `check_cache`)."""
-    folder = Path(folder)
+    folder = Location.of(folder)
     meta = _read_meta(folder)
     if meta is None:
         raise CacheError(f"{folder}: not a feature cache (no readable {CACHE_FILE})")
     return CacheInfo(folder=folder, features=tuple(meta["features"]),
-                     files=[str(folder / s["file"]) for s in meta["shards"]], rows=int(meta["rows"]),
+                     files=[(folder / s["file"]).uri for s in meta["shards"]], rows=int(meta["rows"]),
                      embed_dim=int(meta["embed_dim"]), fingerprint=meta["fingerprint"], meta=meta)
 
 
-def read_cache_table(folder: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+def read_cache_table(folder: str | os.PathLike | Location, columns: list[str] | None = None) -> pa.Table:
     """All rows of a cache as one table, in dataset order."""
-    return pa.concat_tables(pq.read_table(f, columns=columns) for f in open_cache(folder).files)
+    return pa.concat_tables(read_table(f, columns=columns) for f in open_cache(folder).files)
 
 
 def vectors(values, dim: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,12 +1,17 @@
-"""The frozen towers' weights as the cache sees them: loaded from the stage's parent checkpoint or a local CLIP
-file, and fingerprinted per tower."""
+"""The frozen towers' weights as the cache sees them: loaded from the stage's parent checkpoint or a CLIP weights
+file (local or on shared storage), and fingerprinted per tower."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ccr_ray.features import CacheError
 from ccr_ray.stages import INPUT_TOWERS
+from ccr_ray.storage import Location, localize
+
+
+def _is_checkpoint_folder(weights: str) -> bool:
+    from ccr_ray.checkpoint import MODEL_FILE
+
+    return (Location.of(weights) / MODEL_FILE).is_file()
 
 
 def load_frozen_clip(weights: str, clip_cfg: dict, quick_gelu: bool):
@@ -15,33 +20,33 @@ def load_frozen_clip(weights: str, clip_cfg: dict, quick_gelu: bool):
     from ccr_ray.models import backbone
 
     clip = backbone.build_clip(clip_cfg, quick_gelu=quick_gelu)
-    if Path(weights).is_dir():
+    if _is_checkpoint_folder(weights):
         clip.load_state_dict(load_clip_state(weights, clip_cfg, quick_gelu), strict=True)
     else:
-        backbone.load_backbone_weights(clip, str(_weights_file(weights)))
+        backbone.load_backbone_weights(clip, localize(_weights_file(weights)))
     clip.float().eval().requires_grad_(False)
     return clip
 
 
-def _weights_file(weights: str) -> Path:
-    path = Path(weights)
-    if path.is_dir():
-        from ccr_ray.checkpoint import MODEL_FILE
+def _weights_file(weights: str) -> Location:
+    from ccr_ray.checkpoint import MODEL_FILE
 
-        path = path / MODEL_FILE
-    if not path.is_file():
+    loc = Location.of(weights)
+    if (loc / MODEL_FILE).is_file():
+        loc = loc / MODEL_FILE
+    if not loc.is_file():
         raise CacheError(f"{weights}: no weights to encode with (neither a ccr-ray checkpoint folder nor a file)")
-    return path
+    return loc
 
 
 def load_clip_state(weights: str, clip_cfg: dict, quick_gelu: bool) -> dict:
     """The CLIP weights the stage starts from, named as in open_clip's state dict."""
-    if Path(weights).is_dir():  # a ccr-ray checkpoint folder: the CCRModel's clip.* tensors
+    if _is_checkpoint_folder(weights):  # a ccr-ray checkpoint folder: the CCRModel's clip.* tensors
         from safetensors import safe_open
 
         file = _weights_file(weights)
         try:
-            with safe_open(str(file), framework="pt") as f:
+            with safe_open(localize(file), framework="pt") as f:
                 return {k[len("clip."):]: f.get_tensor(k) for k in f.keys() if k.startswith("clip.")}
         except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
             raise CacheError(f"{file}: not a readable safetensors file (truncated or corrupt? {err})") from None

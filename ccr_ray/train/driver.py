@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 from ccr_ray import checkpoint as ckpt
 from ccr_ray.config import ExperimentConfig
 from ccr_ray.ray_utils import ensure_ray, train_logging_config
+from ccr_ray.storage import Location
 from ccr_ray.train.plan import CHECKPOINT_DIR, StageError, StagePlan, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -28,27 +28,35 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StageResult:
-    checkpoint: Path  # {stage_dir}/checkpoint
+    checkpoint: Location  # {run.storage}/{experiment}/{stage}/checkpoint
     metrics: dict
     run_path: str
     history: list[dict] = field(default_factory=list)
 
 
 def check_resources(cfg: ExperimentConfig) -> None:
+    """Refuse, before any cluster work, a request the cluster cannot meet: more CPUs, GPUs or custom resources than
+    it has (Train would wait forever). With `scaling.wait_for_resources` (an autoscaling cluster whose worker nodes
+    come on demand) a shortfall is only logged, and the run waits for the nodes."""
     import ray
 
     resources = ray.cluster_resources()
-    cpus = resources.get("CPU", 0)
-    want = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    if want > cpus:
-        raise StageError(f"scaling: {cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker} CPU = {want} "
-                         f"CPUs, the cluster has {cpus:g}; lower scaling.cpus_per_worker (e.g. 0.5)")
-    if cfg.scaling.use_gpu and resources.get("GPU", 0) < cfg.scaling.num_workers:
-        raise StageError(f"scaling.use_gpu: {cfg.scaling.num_workers} GPU workers requested, the cluster has "
-                         f"{resources.get('GPU', 0):g} GPUs")
-    if cpus - want < min(cfg.data.max_cpus, 1.0) - 1e-9:
+    s = cfg.scaling
+    wanted = {"CPU": s.num_workers * s.cpus_per_worker, **{k: s.num_workers * v for k, v in s.resources_per_worker.items()}}
+    if s.use_gpu:
+        wanted["GPU"] = s.num_workers
+    short = {k: (v, resources.get(k, 0.0)) for k, v in wanted.items() if v > resources.get(k, 0.0) + 1e-9}
+    if short:
+        detail = ", ".join(f"{v:g} {k} (the cluster has {have:g})" for k, (v, have) in short.items())
+        message = (f"scaling: {s.num_workers} worker(s) need {detail}; lower scaling.cpus_per_worker (e.g. 0.5) or "
+                   "scaling.num_workers, or set scaling.wait_for_resources=true on an autoscaling cluster")
+        if not s.wait_for_resources:
+            raise StageError(message)
+        log.warning("%s: waiting for the autoscaler", message)
+    cpus = resources.get("CPU", 0.0)
+    if cpus - wanted["CPU"] < min(cfg.data.max_cpus, 1.0) - 1e-9:
         log.warning("scaling: Train reserves %.1f of %.1f CPUs, leaving less than data.max_cpus=%.1f for Ray Data; "
-                    "the input pipeline may stall", want, cpus, cfg.data.max_cpus)
+                    "the input pipeline may stall", wanted["CPU"], cpus, cfg.data.max_cpus)
 
 
 def build_trainer(plan: StagePlan, callbacks: list | None = None, storage_path: str | None = None,
@@ -75,15 +83,22 @@ def build_trainer(plan: StagePlan, callbacks: list | None = None, storage_path: 
                                            english_tokenizer=english_tokenizer_folder(plan.clip_cfg))
     spec = WorkerSpec.from_plan(plan, feature_cache=str(cache.folder) if cache is not None else None,
                                 run_name=name, storage_path=storage_path)
-    scaling = ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker})
+    scaling = ray.train.ScalingConfig(
+        num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+        resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker},
+        placement_strategy=cfg.scaling.placement_strategy)
+    storage = Location.of(spec.storage_path)
     run_config = ray.train.RunConfig(
         name=spec.run_name,
-        storage_path=spec.storage_path,
+        # shared storage is handed over as its pyarrow filesystem, so URI options (endpoint, region) carry over
+        storage_path=storage.path,
+        storage_filesystem=None if storage.is_local else storage.fs,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep,
                                                      checkpoint_score_attribute="val/mR",
                                                      checkpoint_score_order="max"),
-        failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures, controller_failure_limit=0),
+        # a request the cluster cannot meet fails at once (check_resources says why), unless we wait for autoscaling
+        failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures,
+                                               controller_failure_limit=-1 if cfg.scaling.wait_for_resources else 0),
         callbacks=callbacks or None,
         logging_config=train_logging_config(cfg.run.verbose),
     )
@@ -100,22 +115,22 @@ def run_stage(plan: StagePlan, fresh: bool = False, callbacks: list | None = Non
     cfg = plan.cfg
     ensure_ray()
     check_resources(cfg)
-    run_dir = Path(storage_path or plan.storage_path) / (name or plan.run_name)
-    if fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
+    run_dir = Location.of(storage_path or plan.storage_path) / (name or plan.run_name)
+    if fresh:
+        run_dir.delete()
     trainer = build_trainer(plan, callbacks=callbacks, storage_path=storage_path, name=name, train_fn=train_fn)
     result = trainer.fit()
     if result.error:
         raise result.error
-    chosen = select_checkpoint(result, cfg.train.select)
-    with chosen.as_directory() as folder:
+    with result.checkpoint.as_directory() as last:
+        history = ckpt.read_meta(last).log  # the whole log lives in the last checkpoint
+    out = plan.output_dir / CHECKPOINT_DIR
+    with select_checkpoint(result, cfg.train.select).as_directory() as folder:
         meta = ckpt.read_meta(folder)
-        history = ckpt.read_meta(result.checkpoint.path if os.path.isdir(result.checkpoint.path) else folder).log
-        out = plan.output_dir / CHECKPOINT_DIR
         if publish:
             ckpt.copy_checkpoint(folder, out)
             publish_run_files(plan, meta, history, result, run_dir)
-    return StageResult(checkpoint=out, metrics=meta.metrics, run_path=str(run_dir), history=history)
+    return StageResult(checkpoint=out, metrics=meta.metrics, run_path=run_dir.uri, history=history)
 
 
 def select_checkpoint(result, select: str):
@@ -125,16 +140,19 @@ def select_checkpoint(result, select: str):
     return max(result.best_checkpoints, key=lambda cm: cm[1].get("val/mR", float("-inf")))[0]
 
 
-def publish_run_files(plan: StagePlan, meta: ckpt.CheckpointMeta, history: list[dict], result, run_dir: Path) -> None:
+def publish_run_files(plan: StagePlan, meta: ckpt.CheckpointMeta, history: list[dict], result,
+                      run_dir: Location) -> None:
+    """result.json, train_log.jsonl and training_curve.png beside the published checkpoint (any storage)."""
     from ccr_ray.plots import plot_training_curve
 
     out = plan.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    summary = {"stage": plan.stage.name, "run": str(run_dir), "selected": plan.cfg.train.select,
+    summary = {"stage": plan.stage.name, "run": run_dir.uri, "run_name": run_dir.name, "selected": plan.cfg.train.select,
                "selected_step": meta.step, "metrics": meta.metrics, "best_step": meta.best_step,
                "best_val_mR": meta.best_score, "final_metrics": result.metrics}
-    (out / "result.json").write_text(json.dumps(summary, indent=2))
-    with open(out / "train_log.jsonl", "w") as f:
-        for row in history:
-            f.write(json.dumps(row) + "\n")
-    plot_training_curve(history, out / "training_curve.png", title=f"{plan.cfg.run.experiment} / {plan.stage.name}")
+    (out / "train_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
+    with tempfile.TemporaryDirectory() as tmp:
+        png = plot_training_curve(history, Path(tmp) / "training_curve.png",
+                                  title=f"{plan.cfg.run.experiment} / {plan.stage.name}")
+        if png is not None:
+            (out / "training_curve.png").write_bytes(png.read_bytes())
+    (out / "result.json").write_text(json.dumps(summary, indent=2))  # last: a finished stage has it

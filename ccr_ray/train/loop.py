@@ -79,7 +79,8 @@ def run(state: TrainState, batches: Iterator[Batch], *,
         if on_step is not None:
             on_step(state, metrics)
         if state.step % cfg.train.log_every == 0 or state.step == max_steps:
-            record = {"step": state.step, "lang": lang, "lr": state.optim.lr, "samples_per_s": speed.rate(), **metrics}
+            record = {"step": state.step, "lang": lang, "lr": state.optim.lr, "samples_per_s": speed.rate(),
+                      "time": round(time.time(), 3), **metrics}
             state.history.append(record)
             if on_log is not None:
                 on_log(state, record)
@@ -90,6 +91,6 @@ def run(state: TrainState, batches: Iterator[Batch], *,
 
 def format_progress(stage: str, step: int, max_steps: int, record: dict) -> str:
     terms = " ".join(f"{k} {v:.4f}" for k, v in record.items()
-                     if k not in ("step", "lang", "lr", "samples_per_s", "loss"))
+                     if k not in ("step", "lang", "lr", "samples_per_s", "time", "loss"))
     return (f"[{stage}] step {step}/{max_steps} | loss {record['loss']:.4f} ({terms}) | lang {record['lang']} | "
             f"lr {record['lr']:.2e} | {record['samples_per_s']:.0f} samples/s")

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ccr_ray import checkpoint as ckpt
@@ -25,6 +24,7 @@ from ccr_ray.features import CacheError
 from ccr_ray.features.plan import FeatureCachePlan, plan_feature_cache
 from ccr_ray.models import backbone
 from ccr_ray.stages import STAGES, Stage
+from ccr_ray.storage import Location
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoint"  # {stage_dir}/checkpoint: the stage's output, what child stages start from
@@ -49,8 +49,8 @@ class StagePlan:
     train_languages: list[str]
     eval_languages: list[str]
     run_name: str
-    storage_path: str
-    output_dir: Path
+    storage_path: str  # Ray Train's storage for the stage's runs: {run.storage}/{experiment}/ray (path or URI)
+    output_dir: Location  # {run.storage}/{experiment}/{stage}: the published checkpoint, result.json, log, curve
     config_source: str | None = None  # what --config was (for "run this first" messages)
     feature_cache: FeatureCachePlan | None = None  # None: data.feature_cache is off
 
@@ -68,7 +68,7 @@ class StagePlan:
             f"{cfg.train.max_steps} steps x batch {cfg.train.batch_size}",
             f"workers      {cfg.scaling.num_workers} x {cfg.scaling.cpus_per_worker} CPU"
             f"{' + 1 GPU' if cfg.scaling.use_gpu else ''}",
-            f"run          {self.storage_path}/{self.run_name}",
+            f"run          {Location.of(self.storage_path) / self.run_name}",
             f"output       {self.output_dir / CHECKPOINT_DIR}",
         ] + ([f"features     frozen-feature cache: {self.feature_cache.describe()}"] if self.feature_cache else []))
 
@@ -127,15 +127,16 @@ def _parent_checkpoint(cfg: ExperimentConfig, stage: Stage, config_source: str |
             raise StageError("run.init_from=pretrained: set model.backbone.pretrained to a local CLIP weights file")
         return None
     if cfg.run.init_from:
-        path = Path(cfg.path(cfg.run.init_from))
-        if not (path / ckpt.MODEL_FILE).exists():
-            raise StageError(f"run.init_from: {path} is not a ccr-ray checkpoint folder (no {ckpt.MODEL_FILE})")
-        return str(path)
+        path = Location.of(cfg.path(cfg.run.init_from))
+        if not ckpt.is_checkpoint(path):
+            raise StageError(f"run.init_from: {path} is not a ccr-ray checkpoint folder (no {ckpt.MODEL_FILE} "
+                             f"and {ckpt.STATE_FILE})")
+        return path.uri
     if stage.parent is None:
         return None
-    path = cfg.stage_dir(stage.parent) / CHECKPOINT_DIR
-    if (path / ckpt.MODEL_FILE).exists():
-        return str(path)
+    path = cfg.stage_location(stage.parent) / CHECKPOINT_DIR
+    if ckpt.is_checkpoint(path):
+        return path.uri
     if stage.parent_optional and cfg.model.backbone.pretrained:
         return None
     parent = STAGES[stage.parent]
@@ -177,7 +178,7 @@ def plan_stage(cfg: ExperimentConfig, config_source: str | None = None) -> Stage
         meta = ckpt.read_meta(parent)
         clip_cfg, preprocess = meta.clip_cfg, meta.preprocess
     else:
-        if cfg.model.backbone.pretrained and not Path(cfg.path(cfg.model.backbone.pretrained)).is_file():
+        if cfg.model.backbone.pretrained and not Location.of(cfg.path(cfg.model.backbone.pretrained)).is_file():
             raise StageError(f"model.backbone.pretrained: no such file {cfg.path(cfg.model.backbone.pretrained)}")
         try:
             clip_cfg = backbone.backbone_model_config(cfg.model.backbone.name, cfg.path(cfg.model.backbone.hf_model))
@@ -187,7 +188,7 @@ def plan_stage(cfg: ExperimentConfig, config_source: str | None = None) -> Stage
     if stage.needs_images and not backbone.has_image_config(clip_cfg):
         raise StageError(f"stage {stage.name!r} needs images, and the backbone ({cfg.model.backbone.name}) is text-only "
                          "(no image tower); text-only backbones run the text stages")
-    if cfg.model.text.embeddings_init and not Path(cfg.path(cfg.model.text.embeddings_init)).is_dir():
+    if cfg.model.text.embeddings_init and not Location.of(cfg.path(cfg.model.text.embeddings_init)).is_dir():
         raise StageError(f"model.text.embeddings_init: no such folder {cfg.path(cfg.model.text.embeddings_init)}")
     context = cfg.model.text.context_length or int(clip_cfg["text_cfg"].get("context_length", 77))
     try:
@@ -199,8 +200,8 @@ def plan_stage(cfg: ExperimentConfig, config_source: str | None = None) -> Stage
     return StagePlan(cfg=cfg, stage=stage, dataset_root=dataset_root, tokenizer_dir=tokenizer_dir, parent=parent,
                      clip_cfg=clip_cfg, preprocess=preprocess, context_length=context,
                      train_languages=train_languages, eval_languages=eval_languages, run_name=run_name(cfg, parent),
-                     storage_path=str(cfg.home / "runs" / cfg.run.experiment / "ray"),
-                     output_dir=cfg.stage_dir(), config_source=config_source, feature_cache=feature_cache)
+                     storage_path=(Location.of(cfg.runs_root) / cfg.run.experiment / "ray").uri,
+                     output_dir=cfg.stage_location(), config_source=config_source, feature_cache=feature_cache)
 
 
 def _tokenizer_dir(cfg: ExperimentConfig, stage: Stage, parent: str | None, root: str, manifest) -> str:
@@ -211,9 +212,9 @@ def _tokenizer_dir(cfg: ExperimentConfig, stage: Stage, parent: str | None, root
         if not manifest.tokenizer:
             raise StageError(f"model.text.tokenizer: 'auto' needs a tokenizer shipped with the dataset, and "
                              f"{root} has none; set it to a Hugging Face tokenizer folder (M-BERT)")
-        folder = Path(root) / manifest.tokenizer
+        folder = Location.of(root) / manifest.tokenizer
     else:
-        folder = Path(cfg.path(cfg.model.text.tokenizer))
-    if not folder.is_dir() or not any((folder / f).exists() for f in ("tokenizer.json", "vocab.txt")):
+        folder = Location.of(cfg.path(cfg.model.text.tokenizer))
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.txt")):
         raise StageError(f"model.text.tokenizer: {folder} is not a tokenizer folder (no tokenizer.json / vocab.txt)")
-    return str(folder)
+    return folder.uri

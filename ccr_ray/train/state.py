@@ -26,6 +26,7 @@ from ccr_ray.models.ccr import CCRModel, build_model, load_mbert_embeddings
 from ccr_ray.models.precision import autocast, resolve_precision
 from ccr_ray.optim import Optimization
 from ccr_ray.stages import STAGES, Stage
+from ccr_ray.storage import localize
 from ccr_ray.tokenization import TokenizerInfo
 from ccr_ray.train.adversarial import Adversary
 
@@ -90,11 +91,11 @@ def build_stage_model(cfg: ExperimentConfig, stage: Stage, tokenizer_dir: str, p
     if parent:
         ckpt.load_weights_into(model, parent, stage.inherit)
     elif cfg.model.backbone.pretrained:
-        backbone.load_backbone_weights(model.clip, cfg.path(cfg.model.backbone.pretrained))
+        backbone.load_backbone_weights(model.clip, localize(cfg.path(cfg.model.backbone.pretrained)))
     if not parent or stage.inherit == "backbone":
         model.adapters.after_backbone_loaded(model.text_tower)
     if cfg.model.text.embeddings_init and (not parent or stage.inherit == "backbone"):
-        table = load_mbert_embeddings(cfg.path(cfg.model.text.embeddings_init))
+        table = load_mbert_embeddings(localize(cfg.path(cfg.model.text.embeddings_init)))
         if tuple(table.shape) != tuple(model.embedding.token_embedding.weight.shape):
             raise ValueError(f"model.text.embeddings_init: table {tuple(table.shape)} does not match tokenizer "
                              f"vocabulary x embed_dim {tuple(model.embedding.token_embedding.weight.shape)}")
@@ -130,6 +131,9 @@ class TrainState:
                rank: int = 0, world_size: int = 1) -> TrainState:
         stage = STAGES[cfg.stage]
         device = torch.device(device)
+        # on shared storage: read through this machine's copy (a worker may be on another node than the driver)
+        tokenizer_dir = localize(tokenizer_dir)
+        parent = localize(parent) if parent else None
         torch.manual_seed(cfg.train.seed)
         model, artifacts = build_stage_model(cfg, stage, tokenizer_dir, parent)
         model.to(device)

@@ -1,11 +1,12 @@
 """A sweep's results from its folder alone (JSON files, no Ray, no unpickling): the trial table, `trials.csv`,
 `best.json` and the plots. `jobs/tune.py` renders them when a sweep ends; `--report SWEEP_DIR` re-renders them.
 
-    {home}/sweeps/{name}/
+    {home}/sweeps/{name}/       (on shared storage: beside run.storage; every file goes through storage.Location)
         sweep.json              what was swept (stage, base config, space, search, scheduler) and its timings
         tune/<trial folder>/    Ray Tune's: params.json (the trial's values), result.json (one line per validation)
-        trials/<trial id>/      ours: events.jsonl (start / end of each attempt, seconds of training) and, for a
-                                trial that ran to its last step, the published stage output (checkpoint/, ...)
+        trials/<trial id>/      ours: events/ (one small file per start / end of an attempt, with the seconds of
+                                training) and, for a trial that ran to its last step, the published stage output
+                                (checkpoint/, result.json, train_log.jsonl, training_curve.png)
         train/                  the trials' Ray Train runs (resumable checkpoints)
         trials.csv, best.json, sweep_values.png, sweep_curves.png
 """
@@ -13,14 +14,19 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ccr_ray.storage import Location
+
 SWEEP_FILE = "sweep.json"
-EVENTS_FILE = "events.jsonl"
+EVENTS_DIR = "events"
 METRIC = "val/mR"
 COMPLETED, STOPPED, ERROR, UNFINISHED = "completed", "stopped early", "error", "unfinished"
 
@@ -51,7 +57,7 @@ class TrialRecord:
         return max((s for s, _ in self.curve), default=0)
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Location) -> list[dict]:
     if not path.is_file():
         return []
     rows = []
@@ -65,20 +71,30 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def read_sweep(sweep_dir: str | Path) -> dict:
-    path = Path(sweep_dir) / SWEEP_FILE
+def read_events(trial_folder: Location) -> list[dict]:
+    """The events of a trial (start / end / already_finished), in time order."""
+    events = trial_folder / EVENTS_DIR
+    return [json.loads((events / name).read_text()) for name in events.children() if name.endswith(".json")]
+
+
+def read_sweep(sweep_dir: str | os.PathLike | Location) -> dict:
+    path = Location.of(sweep_dir) / SWEEP_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{sweep_dir}: not a sweep folder (no {SWEEP_FILE})")
     return json.loads(path.read_text())
 
 
-def collect_trials(sweep_dir: str | Path) -> list[TrialRecord]:
-    sweep_dir = Path(sweep_dir)
+def collect_trials(sweep_dir: str | os.PathLike | Location) -> list[TrialRecord]:
+    sweep_dir = Location.of(sweep_dir)
     meta = read_sweep(sweep_dir)
     finished = bool(meta.get("finished"))
     records: dict[str, TrialRecord] = {}
-    for params_file in sorted((sweep_dir / "tune").glob("*/params.json")):
-        folder = params_file.parent
+    tune = sweep_dir / "tune"
+    for name in tune.children():
+        folder = tune / name
+        params_file = folder / "params.json"
+        if not params_file.is_file():
+            continue
         results = read_jsonl(folder / "result.json")
         trial_id = next((r["trial_id"] for r in results if "trial_id" in r), None)
         if trial_id is None:
@@ -95,22 +111,23 @@ def collect_trials(sweep_dir: str | Path) -> list[TrialRecord]:
     for record in records.values():
         record.curve = sorted(dict(record.curve).items())
         ours = sweep_dir / "trials" / record.trial_id
-        events = read_jsonl(ours / EVENTS_FILE)
+        events = read_events(ours)
         record.attempts = sum(1 for e in events if e.get("event") == "start")
         record.train_seconds = sum(float(e.get("seconds", 0.0)) for e in events if e.get("event") == "end")
         if any(e.get("event") == "end" for e in events):
             record.status = COMPLETED
             if (ours / "checkpoint").is_dir():
-                record.checkpoint = str(ours / "checkpoint")
+                record.checkpoint = (ours / "checkpoint").uri
         elif record.status != ERROR and finished:
             record.status = STOPPED  # Tune ended the sweep and the trial never reached its last step: ASHA
     return sorted(records.values(), key=lambda r: r.trial_id)
 
 
-def _trial_id_from_events(sweep_dir: Path, folder: Path) -> str | None:
-    for events in (sweep_dir / "trials").glob(f"*/{EVENTS_FILE}"):
-        if any(e.get("tune_dir") == folder.name for e in read_jsonl(events)):
-            return events.parent.name
+def _trial_id_from_events(sweep_dir: Location, folder: Location) -> str | None:
+    trials = sweep_dir / "trials"
+    for trial_id in trials.children():
+        if any(e.get("tune_dir") == folder.name for e in read_events(trials / trial_id)):
+            return trial_id
     return None
 
 
@@ -156,20 +173,21 @@ def next_commands(meta: dict, best: TrialRecord) -> list[str]:
     return out
 
 
-def render(sweep_dir: str | Path) -> str:
+def render(sweep_dir: str | os.PathLike | Location) -> str:
     """Write trials.csv, best.json and the plots; return the printed summary."""
     from ccr_ray.plots import plot_sweep_curves, plot_sweep_values
 
-    sweep_dir = Path(sweep_dir)
+    sweep_dir = Location.of(sweep_dir)
     meta = read_sweep(sweep_dir)
     keys = list(meta.get("space", {}))
     records = collect_trials(sweep_dir)
-    with open(sweep_dir / "trials.csv", "w", newline="") as f:
+    with io.StringIO(newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["trial", *keys, "best_val_mR", "steps", "status", "attempts", "seconds", "checkpoint"])
         for r in records:
             writer.writerow([r.trial_id, *(r.values.get(k) for k in keys), round(r.best, 4), r.steps, r.status,
                              r.attempts, round(r.seconds, 1), r.checkpoint or r.last_checkpoint or ""])
+        (sweep_dir / "trials.csv").write_text(f.getvalue())
     lines = [f"sweep {meta['name']}: stage {meta['stage']}, {len(records)} trials, search {meta['search']}, "
              f"scheduler {meta['scheduler']}", trial_table(records, keys)]
     best = best_trial(records)
@@ -187,16 +205,20 @@ def render(sweep_dir: str | Path) -> str:
     if timing and timing.get("trial_seconds"):
         lines.append(f"sweep wall time {timing['wall_seconds']:.0f}s for {timing['trial_seconds']:.0f}s of trial "
                      f"training ({timing['wall_seconds'] / timing['trial_seconds']:.2f}x)")
-    plot_sweep_values(records, meta.get("space", {}), sweep_dir / "sweep_values.png", title=meta["name"])
-    plot_sweep_curves(records, sweep_dir / "sweep_curves.png", title=meta["name"])
+    with tempfile.TemporaryDirectory() as tmp:  # plots render locally, then go wherever the sweep lives
+        for name, plot in (("sweep_values.png", lambda p: plot_sweep_values(records, meta.get("space", {}), p,
+                                                                            title=meta["name"])),
+                           ("sweep_curves.png", lambda p: plot_sweep_curves(records, p, title=meta["name"]))):
+            if plot(Path(tmp) / name) is not None:
+                (sweep_dir / name).write_bytes((Path(tmp) / name).read_bytes())
     lines.append(f"wrote {sweep_dir / 'trials.csv'}, best.json, sweep_values.png, sweep_curves.png")
     return "\n".join(lines)
 
 
 def _trial_config(meta: dict, record: TrialRecord) -> dict | None:
     """The trial's resolved config: from its published checkpoint when it completed, else rebuilt."""
-    if record.checkpoint and (Path(record.checkpoint) / "config.json").is_file():
-        return json.loads((Path(record.checkpoint) / "config.json").read_text()).get("experiment")
+    if record.checkpoint and (Location.of(record.checkpoint) / "config.json").is_file():
+        return json.loads((Location.of(record.checkpoint) / "config.json").read_text()).get("experiment")
     try:
         from ccr_ray.stages import resolve_config
 

@@ -3,7 +3,8 @@ wrapped as Ray documents for Train V2: a function trainable that plans the trial
 TorchTrainer with `TuneReportCallback`, so Tune sees each validation (val/mR) and can stop a trial (ASHA).
 
     SweepSpec            what is swept: stage, base config, overrides, space, search, scheduler, trials; its
-                         deterministic name (no timestamps) and folder {home}/sweeps/{name}
+                         deterministic name (no timestamps) and folder {home}/sweeps/{name} (beside the runs:
+                         {run.storage}/../sweeps/{name} on shared storage, so every node's trials write there)
     run_trial            the function trainable (one trial = one Ray Train run named {sweep}-{trial id}, so a
                          restored trial resumes its Train run from the last checkpoint)
     run_sweep(spec)      a new sweep, or (resume=True) Tune's restore of an interrupted one: finished trials are
@@ -23,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ccr_ray.config import ExperimentConfig, resolve_home
+from ccr_ray.config import ExperimentConfig
 from ccr_ray.stages import resolve_config
-from ccr_ray.storage import atomic_write_text
+from ccr_ray.storage import Location
 from ccr_ray.tune import report
 from ccr_ray.tune.space import Domain, count_trials, parse_domain
 
@@ -66,8 +67,8 @@ class SweepSpec:
         return resolve_config(self.stage, self.config, self.overrides, trial=values)
 
     @property
-    def folder(self) -> Path:
-        return resolve_home(self.home) / "sweeps" / self.name
+    def folder(self) -> Location:
+        return sweeps_root(self.base_config()) / self.name
 
     @property
     def trials(self) -> int:
@@ -127,10 +128,16 @@ def concurrency(cfg: ExperimentConfig, resources: dict[str, float], requested: i
 # --------------------------------------------------------------------------------------------- the trial
 
 
-def _event(folder: Path, **event) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / report.EVENTS_FILE, "a") as f:
-        f.write(json.dumps({"time": time.time(), **event}) + "\n")
+def sweeps_root(cfg: ExperimentConfig) -> Location:
+    """{home}/sweeps for local runs; beside `run.storage` otherwise, since a trial may run on any node."""
+    return Location.of(cfg.runs_root).parent / "sweeps"
+
+
+def _event(folder: Location, **event) -> None:
+    """One object per event (an object store cannot append), named so they list in order."""
+    stamp = time.time()
+    (folder / report.EVENTS_DIR / f"{stamp:017.6f}-{event['event']}.json").write_text(
+        json.dumps({"time": stamp, **event}))
 
 
 def run_trial(values: dict, sweep: dict) -> None:
@@ -146,7 +153,7 @@ def run_trial(values: dict, sweep: dict) -> None:
     trial_id = context.get_trial_id()
     folder = spec.folder / "trials" / trial_id
     published = folder / "result.json"
-    if any(e.get("event") == "end" for e in report.read_jsonl(folder / report.EVENTS_FILE)) and published.is_file():
+    if any(e.get("event") == "end" for e in report.read_events(folder)) and published.is_file():
         # the trial finished, but the sweep's driver died before Tune recorded it: report its result, train nothing
         tune.report(json.loads(published.read_text())["final_metrics"])
         _event(folder, event="already_finished")
@@ -157,7 +164,7 @@ def run_trial(values: dict, sweep: dict) -> None:
     started = time.perf_counter()
     # named from the sweep and the trial id, never a timestamp: a restored trial resumes this Train run
     run_stage(plan, callbacks=[TuneReportCallback()], name=f"{spec.name}-{trial_id}",
-              storage_path=str(spec.folder / "train"))
+              storage_path=(spec.folder / "train").uri)
     _event(folder, event="end", seconds=round(time.perf_counter() - started, 2))
 
 
@@ -249,7 +256,7 @@ def save_meta(spec: SweepSpec, **updates) -> dict:
     path = spec.folder / report.SWEEP_FILE
     meta = json.loads(path.read_text()) if path.is_file() else {}
     meta.update({**spec.to_dict(), "config_source": spec.config_source, **updates})
-    atomic_write_text(path, json.dumps(meta, indent=2))
+    path.write_text(json.dumps(meta, indent=2))
     return meta
 
 
@@ -280,10 +287,12 @@ def run_sweep(spec: SweepSpec, resume: bool = False, verbose: int = 1) -> dict:
     started = time.time()
     meta = save_meta(spec, finished=False, started=started)
     trainable = _trainable(spec)
-    if resume and tune.Tuner.can_restore(str(tune_dir)):
+    fs = None if tune_dir.is_local else tune_dir.fs
+    if resume and tune.Tuner.can_restore(tune_dir.path, storage_filesystem=fs):
         # Tune's restore: finished trials stay finished; errored and interrupted trials run again, and each one's
         # Train run (same name) resumes from its last checkpoint
-        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True, resume_unfinished=True)
+        tuner = tune.Tuner.restore(tune_dir.path, trainable=trainable, resume_errored=True, resume_unfinished=True,
+                                   storage_filesystem=fs)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -291,7 +300,8 @@ def run_sweep(spec: SweepSpec, resume: bool = False, verbose: int = 1) -> dict:
             # the concurrency limit lives in the search algorithm (max_concurrent / ConcurrencyLimiter)
             tune_config=tune.TuneConfig(metric=report.METRIC, mode="max", num_samples=spec.num_samples,
                                         search_alg=_search(spec, limit), scheduler=_scheduler(spec)),
-            run_config=tune.RunConfig(name="tune", storage_path=str(spec.folder), verbose=verbose,
+            run_config=tune.RunConfig(name="tune", storage_path=spec.folder.path, verbose=verbose,
+                                      storage_filesystem=None if spec.folder.is_local else spec.folder.fs,
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
     tuner.fit()

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, micro_config
+from tests.conftest import REPO, micro_config, private_ray
 
 LANGS = ("de", "zh")
 
@@ -63,13 +62,5 @@ def dasd_export(dasd_ckpt, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    temp = tempfile.mkdtemp(prefix="ccrexp-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    ray.init(address="local", num_cpus=2, _temp_dir=temp, log_to_driver=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    yield ray
-    ray.shutdown()
-    os.system(f"rm -rf {temp}")
+    with private_ray("ccrexp-") as ray:
+        yield ray

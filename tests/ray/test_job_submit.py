@@ -1,8 +1,10 @@
-"""`ray job submit ... -- python jobs/train_stage.py --stage le` against a `ray start --head` cluster with token
-authentication on: the client with the token is served, a client without it (or with a wrong one) is refused.
+"""`ray job submit ... -- python jobs/train_stage.py --stage le` against a two-node cluster on this machine (`ray
+start --head` and a second node joined with `ray start --address`, both on loopback) with token authentication on:
+the client with the token is served and its stage runs one Train worker on each node; a client without the token
+(or with a wrong one) is refused.
 
 The cluster runs with a private HOME (its token lives in HOME/.ray/auth_token) and is stopped by killing its own
-process group: `ray stop` would kill every Ray process on the machine.
+process groups: `ray stop` would kill every Ray process on the machine.
 """
 
 import json
@@ -37,31 +39,59 @@ def head(tmp_path):
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_MODE", None)
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    dashboard = free_port()
+    dashboard, gcs = free_port(), free_port()
     temp = f"/tmp/ccrjob-{os.getpid()}"
+    # loopback only: both nodes bind 127.0.0.1, the dashboard and job server too
     proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", f"--dashboard-port={dashboard}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=2",
-         f"--temp-dir={temp}", "--disable-usage-stats"],
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
+         "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", f"--dashboard-agent-listen-port={free_port()}",
+         "--num-cpus=1", f"--temp-dir={temp}", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 120
-    while time.time() < deadline:  # ready when an authenticated client can list jobs
+    procs = [proc]
+    try:
+        wait_until_served(address, env)
+        worker = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
+             "--num-cpus=1", f"--dashboard-agent-listen-port={free_port()}",
+             "--disable-usage-stats"],
+            env={**env, "RAY_AUTH_MODE": "token"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        procs.append(worker)
+        wait_for_nodes(address, env, 2)
+        yield address, env, home
+    finally:
+        for p in reversed(procs):
+            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        subprocess.run(["rm", "-rf", temp])
+
+
+def wait_until_served(address, env, timeout=120):
+    """Ready when an authenticated client can list jobs."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
         probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], capture_output=True,
                                env={**env, "RAY_AUTH_MODE": "token"}, timeout=60)
         if probe.returncode == 0:
-            break
+            return
         time.sleep(2)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("ray start --head did not come up")
-    yield address, env, home
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    subprocess.run(["rm", "-rf", temp])
+    pytest.fail("ray start --head did not come up")
+
+
+def wait_for_nodes(address, env, count, timeout=120):
+    """The cluster has `count` alive nodes (asked through the dashboard's state API, with the token)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        listed = subprocess.run([str(BIN / "ray"), "list", "nodes", "--address", address, "--format", "json"],
+                                capture_output=True, text=True, env={**env, "RAY_AUTH_MODE": "token"}, timeout=60)
+        if listed.returncode == 0 and sum(n.get("state") == "ALIVE" for n in json.loads(listed.stdout)) >= count:
+            return
+        time.sleep(2)
+    pytest.fail(f"the cluster did not reach {count} nodes")
 
 
 def submit(address, env, *job, extra_env=None, timeout=600):
@@ -76,7 +106,10 @@ def test_job_submit_with_token_trains_le_and_without_is_refused(head, micro_data
     address, env, home = head
     run_home = tmp_path / "runs-home"
     config = tmp_path / "micro.json"
-    config.write_text(json.dumps(micro_config(micro_data, str(run_home), train={"max_steps": 2, "eval_every": 2})))
+    # two workers, one per node (STRICT_SPREAD cannot be placed otherwise)
+    config.write_text(json.dumps(micro_config(
+        micro_data, str(run_home), train={"max_steps": 2, "eval_every": 2},
+        scaling={"num_workers": 2, "cpus_per_worker": 0.5, "placement_strategy": "STRICT_SPREAD"})))
     tokenizer = os.path.join(micro_data, "tokenizer")
     # parents made without Ray (random weights are enough to exercise the job path)
     clip = resolve_config("clip", str(config))

@@ -79,3 +79,63 @@ def test_seeds_folds_by_path(ray_local, tmp_path, capsys):
     keys = test[schema.IMAGE_ID].to_pylist()
     assert test[schema.IMAGE_PATH].to_pylist() == [str(data / "MSCOCO/images" / k) for k in keys]
     assert not (out / schema.REJECTS_DIR).exists()
+
+
+def task_that_dies_once(batch, spec):
+    """ingest.process_batch, except that the task of shard 1 kills its worker process the first time (a marker
+    file beside the output records it), as a preprocessing worker lost mid-job."""
+    import os as _os
+
+    import pyarrow as _pa
+
+    from ccr_ray.data.converters.shards import SUMMARY_SCHEMA, process_shard
+
+    marker = _os.path.join(_os.path.dirname(spec.out), ".killed-once")
+    if int(batch["shard"][0].as_py()) == 1 and not _os.path.exists(marker):
+        open(marker, "w").close()
+        _os._exit(1)
+    tables = [process_shard(row["split"], int(row["shard"]), row["records"], spec) for row in batch.to_pylist()]
+    return _pa.concat_tables(tables) if tables else SUMMARY_SCHEMA.empty_table()
+
+
+def shard_digests(out) -> dict[str, tuple[int, str]]:
+    """Per shard: its row count and a hash of its rows (what a rerun must reproduce)."""
+    import hashlib
+
+    digests = {}
+    for path in sorted(out.glob("*/part-*.parquet")):
+        table = pq.read_table(path)
+        digests[str(path.relative_to(out))] = (table.num_rows, hashlib.sha256(
+            json.dumps(table.to_pylist(), default=lambda b: hashlib.sha256(b).hexdigest()).encode()).hexdigest())
+    return digests
+
+
+def test_drill_a_preprocessing_worker_killed_mid_job(ray_local, tmp_path, monkeypatch, capsys):
+    """A worker running one shard's task dies mid-job: Ray Data retries the task, the job completes with every good
+    record, and a clean rerun writes the same shards (row counts and content hashes)."""
+    import time
+
+    import prepare_data
+
+    from ccr_ray.data import ingest
+
+    root, images, expected = bad_multi30k_fixture(tmp_path)
+    args = ["multi30k", "--multi30k", str(root), "--images", str(images), "--shard-size", "2", "--task-cpus", "0.5",
+            "--max-bad-fraction", "0.5"]
+    monkeypatch.setattr(ingest, "process_batch", task_that_dies_once)
+    killed = tmp_path / "killed"
+    started = time.time()
+    assert prepare_data.main(args + ["--out", str(killed / "out")]) == 0, capsys.readouterr().err
+    seconds = time.time() - started
+    assert (killed / ".killed-once").exists()  # the fault fired
+    monkeypatch.undo()
+    clean = tmp_path / "clean" / "out"
+    assert prepare_data.main(args + ["--out", str(clean)]) == 0, capsys.readouterr().err
+    assert schema.read_split_table(killed / "out", "train")[schema.IMAGE_ID].to_pylist() == expected["kept_train"]
+    assert shard_digests(killed / "out") == shard_digests(clean) and shard_digests(clean)
+    lost = len(expected["kept_train"]) - schema.load_manifest(killed / "out").splits["train"].images
+    assert lost == 0
+    from tests.ray.test_multinode import report_drill
+
+    report_drill("preprocessing worker killed mid prepare_data", steps_redone="1 shard task rerun",
+                 records_lost=lost, recovery_seconds=None, job_seconds=round(seconds, 1))

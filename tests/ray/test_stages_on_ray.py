@@ -74,17 +74,18 @@ CRASH_AT_STEP = 3
 
 
 def worker_that_crashes_once(config: dict) -> None:
-    """The production worker with a fault injected after step CRASH_AT_STEP; a marker file in the run's storage
-    makes it fire once, so the replacement worker (FailureConfig) runs through."""
+    """The production worker with a fault injected after step CRASH_AT_STEP; a marker in the run's storage makes it
+    fire once, so the replacement worker (FailureConfig) runs through."""
+    from ccr_ray.storage import Location
     from ccr_ray.train.plan import WorkerSpec
     from ccr_ray.train.worker import run_worker
 
     spec = WorkerSpec.from_dict(config)
-    marker = os.path.join(spec.storage_path, f".{spec.run_name}.crashed")
+    marker = Location.of(spec.storage_path) / f".{spec.run_name}.crashed"  # the run's storage, local or shared
 
     def crash_once(state, metrics):
-        if state.step == CRASH_AT_STEP and not os.path.exists(marker):
-            open(marker, "w").close()
+        if state.step == CRASH_AT_STEP and not marker.exists():
+            marker.write_text("")
             raise RuntimeError(f"injected crash at step {CRASH_AT_STEP}")
 
     run_worker(spec, on_step=crash_once)

@@ -22,11 +22,11 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def finished_trials(sweep_dir):
-    out = []
-    for events in sweep_dir.glob("trials/*/events.jsonl"):
-        if any(json.loads(line).get("event") == "end" for line in events.read_text().splitlines() if line.strip()):
-            out.append(events.parent.name)
-    return sorted(out)
+    from ccr_ray.storage import Location
+    from ccr_ray.tune.report import read_events
+
+    trials = Location.of(sweep_dir) / "trials"
+    return sorted(t for t in trials.children() if any(e.get("event") == "end" for e in read_events(trials / t)))
 
 
 def test_sweep_stops_weak_trials_survives_a_killed_driver_and_reports(ray_local, micro_data, tmp_path):

@@ -255,7 +255,7 @@ def test_a_stale_or_broken_cache_is_rebuilt_never_used(micro_data, home, tmp_pat
     meta = json.loads((third.folder / store.CACHE_FILE).read_text())
     (third.folder / store.CACHE_FILE).write_text(json.dumps({**meta, "fingerprint": "0" * 64}))
     assert "built from other inputs" in store.check_cache(third.folder, newer.key).reason
-    (third.folder / store.CACHE_FILE).unlink()
+    (third.folder / store.CACHE_FILE).delete()
     assert "missing or unreadable" in store.check_cache(third.folder, newer.key).reason
     assert cache_plan.ensure_cache(newer, encoder.build_cache_in_process)[1] == "rebuilt"
     # pruning removes the stale cache of the old weights, keeps the current one

@@ -110,11 +110,13 @@ def fake_sweep(folder, stage="nlt"):
         (tdir / "result.json").write_text("".join(
             json.dumps({"trial_id": tid, "step": s, "val/mR": v, "time_total_s": 10.0 * s}) + "\n" for s, v in curve))
         ours = folder / "trials" / tid
-        ours.mkdir(parents=True)
+        (ours / report.EVENTS_DIR).mkdir(parents=True)
         events = [{"event": "start"}] + ([{"event": "end", "seconds": 40.0}] if end else [])
-        (ours / report.EVENTS_FILE).write_text("".join(json.dumps(e) + "\n" for e in events))
+        for n, event in enumerate(events):
+            (ours / report.EVENTS_DIR / f"{n:05d}-{event['event']}.json").write_text(json.dumps(event))
         if end:
             (ours / "checkpoint").mkdir()
+            (ours / "checkpoint" / "x").write_text("")
     return folder
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ccr_ray.data import schema
 from ccr_ray.data.converters.records import TRUNCATED, ParseResult, Reject
 from ccr_ray.data.converters.shards import WriteSpec
+from ccr_ray.storage import Location, write_table
 
 
 def bad_fraction(kept_captions: int, rejects: list[Reject]) -> float:
@@ -41,17 +40,16 @@ def image_rejects(summary: pa.Table) -> list[Reject]:
         if row["reason"]:
             out.append(Reject(row["source"] or "", row["reason"], key=row["image_id"], split=row["split"],
                               detail=row["detail"], captions=row["captions"]))
-    return out
+    # shard tasks finish in any order: sort, so a rerun writes the same rejects file
+    return sorted(out, key=lambda r: (r.split or "", r.key or "", r.reason))
 
 
 def write_rejects(out: str | os.PathLike, rejects: list[Reject]) -> str | None:
     if not rejects:
         return None
-    folder = Path(out) / schema.REJECTS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
     rel = f"{schema.REJECTS_DIR}/part-00000.parquet"
     table = pa.Table.from_pylist([r.row() for r in rejects], schema=schema.reject_schema())
-    pq.write_table(table, Path(out) / rel)
+    write_table(table, Location.of(out) / rel)
     return rel
 
 
@@ -133,8 +131,8 @@ def _parsed(parse: ParseResult) -> dict:
     return out
 
 
-def write_report(out: str | os.PathLike, report: dict) -> Path:
-    path = Path(out) / schema.PREPARE_REPORT
+def write_report(out: str | os.PathLike, report: dict) -> Location:
+    path = Location.of(out) / schema.PREPARE_REPORT
     path.write_text(json.dumps(report, indent=2, ensure_ascii=False))
     return path
 

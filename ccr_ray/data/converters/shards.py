@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from ccr_ray.data import schema
 from ccr_ray.data.converters.records import CORRUPT_IMAGE, MISSING_IMAGE, Record
+from ccr_ray.storage import Location, write_table
 
 SOURCE = "source"
 IMAGE_FILE = "image_file"
@@ -91,7 +92,8 @@ def check_image(path: str, keep_bytes: bool) -> tuple[bytes | None, str, str, st
             if min(image.size) <= 0:
                 raise ValueError(f"empty image {image.size}")
     except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        return None, "", CORRUPT_IMAGE, f"{type(err).__name__}: {err}"
+        # no object addresses (PIL names its buffer by id): a rerun writes the same rejects
+        return None, "", CORRUPT_IMAGE, re.sub(r" at 0x[0-9a-f]+", "", f"{type(err).__name__}: {err}")
     return (data if keep_bytes else None), fmt, "", ""
 
 
@@ -141,12 +143,9 @@ def process_shard(split: str, shard: int, records: bytes | pa.Table, spec: Write
                  for lang in langs]
     if n_images:  # a shard whose every image was rejected writes no file
         rel = shard_path(split, shard)
-        path = Path(spec.out) / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(pa.Table.from_pydict(out, schema=schema.arrow_schema(langs)), tmp,
-                       row_group_size=spec.row_group_size)
-        os.replace(tmp, path)  # readers never see half a shard
+        # local disk or shared storage; readers never see half a shard (rename, or one PUT)
+        write_table(pa.Table.from_pydict(out, schema=schema.arrow_schema(langs)), Location.of(spec.out) / rel,
+                    row_group_size=spec.row_group_size)
     _summary_row(summary, "shard", split, shard, None, "", "", None, 0, "", None, rel, n_images, truncated)
     return pa.Table.from_pydict(summary, schema=SUMMARY_SCHEMA)
 
