@@ -218,6 +218,7 @@ class Location:
 
     def upload_from(self, local: str | os.PathLike) -> None:
         """Copy a local folder's files under this location (overwriting same-named files)."""
+        self.makedirs()  # a local destination needs its folder (an object store has none to make)
         pafs.copy_files(str(Path(local).absolute()), self.path, source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=self.fs)
 
