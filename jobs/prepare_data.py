@@ -26,6 +26,7 @@ Common options:
     --wordpiece N              train a cased WordPiece tokenizer of N tokens (M-BERT's recipe) on the training
                                split's non-English captions and ship it with the data (DIR/tokenizer, which
                                model.text.tokenizer=auto uses): for runs without M-BERT
+    --verbose                  Ray's own logs on the console too (else in {CCR_RAY_HOME}/logs/prepare_data-ray.log)
     --max-bad-fraction 0.01    fail (exit 3) when more than this fraction of captions is rejected
     --shard-size 1000          images per Parquet shard (one Ray Data task each)
     --task-cpus 0.5            CPUs per Ray Data task
@@ -45,6 +46,7 @@ import time
 from pathlib import Path
 
 from ccr_ray.cli import fail, quiet_ray_env
+from ccr_ray.config import resolve_home
 from ccr_ray.data import converters, schema
 from ccr_ray.data.converters import SOURCES
 from ccr_ray.data.converters.records import InputError, ParseResult, check_languages, csv_list
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", required=True)
     common.add_argument("--force", action="store_true")
+    common.add_argument("--verbose", action="store_true")
     common.add_argument("--images-as", choices=["bytes", "path", "none"], default="bytes")
     common.add_argument("--wordpiece", type=int, default=0)
     common.add_argument("--languages", default=None)
@@ -173,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     from ccr_ray.data import ingest
 
     shards = plan_shards(parsed.records, list(spec.languages), args.shard_size)
+    ray_log = resolve_home() / "logs" / "prepare_data-ray.log"  # Ray's own logs (local: --out may be a URI)
+    ray_utils.quiet_logs(ray_log, verbose=args.verbose)
     started = ray_utils.ensure_ray()
     try:
         t0 = time.perf_counter()

@@ -61,13 +61,20 @@ def test_sweep_stops_weak_trials_survives_a_killed_driver_and_reports(ray_local,
     assert len(finished_trials(sweep_dir)) < 4  # killed mid-sweep
 
     # 2. the same command with --resume finishes it
+    resumed_at = time.perf_counter()
     assert tune.main([*args, "--resume"]) == 0
+    resume_seconds = time.perf_counter() - resumed_at
     from ccr_ray.tune import report
 
     records = {r.trial_id: r for r in report.collect_trials(sweep_dir)}
     assert len(records) == 4
     for trial in before:  # finished before the kill: never started again
         assert records[trial].attempts == 1, (trial, records[trial].attempts)
+    from tests.ray.test_multinode import report_drill
+
+    report_drill("sweep driver killed, --resume", finished_trials_kept=len(before),
+                 finished_trials_rerun=sum(records[t].attempts > 1 for t in before), records_lost=0,
+                 resume_to_done_seconds=round(resume_seconds, 1))
     stopped = [r for r in records.values() if r.status == report.STOPPED]
     assert stopped, {t: (r.status, r.curve) for t, r in records.items()}
     assert all(r.steps < 30 for r in stopped)
