@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.k < 1:
         return fail("--k must be >= 1")
+    blank = [n for n, query in enumerate(args.queries, 1) if not query.strip()]
+    if blank:  # an empty caption encodes to a meaningless vector: refuse it rather than answer it
+        return fail(f"QUERY {blank[0]}: empty or whitespace-only query")
 
     from ccr_ray.inference.embeddings import EmbedError
     from ccr_ray.inference.index import SearchIndexError

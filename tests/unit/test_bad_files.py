@@ -1,5 +1,6 @@
 """Damaged files get a one-line error naming the file, never a library traceback: a truncated model.safetensors
-(evaluate, export, planning a child stage). The truncated .onnx graph is tests/export/test_runtime.py."""
+(evaluate, export, planning a child stage); an empty search query is refused, naming the argument. The truncated
+.onnx graph is tests/export/test_runtime.py."""
 
 import os
 
@@ -43,3 +44,14 @@ def test_a_child_stage_on_a_truncated_parent_fails_at_planning(truncated_checkpo
     cfg = micro_cfg("nlt", data={"feature_cache": True})
     with pytest.raises(StageError, match="model.safetensors"):
         plan_stage(cfg)
+
+
+@pytest.mark.parametrize("query", ["", "   \t"])
+def test_an_empty_search_query_is_refused_before_anything_loads(query, capsys, tmp_path):
+    from tests.export.conftest import load_cli
+
+    # the model folder does not exist: the query is checked first, so the error is about the query
+    assert load_cli("search").main(["--model", str(tmp_path / "none"), "--index", str(tmp_path / "none"),
+                                    "--lang", "de", "ein roter Kreis", query]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: QUERY 2: empty or whitespace-only query"
