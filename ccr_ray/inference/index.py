@@ -22,9 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,12 +172,11 @@ class Index:
         if out.exists() and any(out.iterdir()) and not (out / META_FILE).exists():
             raise SearchIndexError(f"--out: {out} exists, is not empty and is not an index folder; refusing to "
                                    "replace it")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-        tmp.mkdir()
-        try:
-            import pyarrow.parquet as pq
+        import pyarrow.parquet as pq
 
+        from ccr_ray.storage import staged_folder
+
+        with staged_folder(out) as tmp:  # written beside `out`, swapped in with renames at the end
             pq.write_table(pa.table({ID: pa.array(self.ids, pa.string())}), tmp / IDS_FILE)
             if self.kind == "exact":
                 self.matrix.tofile(tmp / VECTORS_FILE)
@@ -189,14 +186,6 @@ class Index:
                     "count": len(self.ids), "embed_dim": self.dim, "params": self.params,
                     "files": {"ids": IDS_FILE, "vectors": VECTORS_FILE if self.kind == "exact" else FAISS_FILE}}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-            if out.exists():
-                old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-                os.replace(out, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         self.meta = meta
         return out
 
