@@ -49,7 +49,7 @@ def test_cache_built_by_actors_gives_the_same_training_run(ray_local, micro_data
     # the actor pool wrote what one in-process encoder writes, row for row
     plan = plan_stage(resolve_config("cma", with_cache)).feature_cache
     assert plan.status.valid
-    built_at = (plan.folder / store.CACHE_FILE).stat().st_mtime_ns
+    built_at = (plan.folder / store.CACHE_FILE).local_path().stat().st_mtime_ns
     reference = encoder.build_cache_in_process(keys.CacheRequest(**{**plan.request.__dict__,
                                                              "cache_dir": str(tmp_path / "reference")}), plan.key)
     ours, theirs = store.read_cache_table(plan.folder), store.read_cache_table(reference.folder)
@@ -60,7 +60,7 @@ def test_cache_built_by_actors_gives_the_same_training_run(ray_local, micro_data
                                    atol=1e-5)
 
     cached_run = run_stage(plan_stage(resolve_config("cma", with_cache)), publish=False)
-    assert (plan.folder / store.CACHE_FILE).stat().st_mtime_ns == built_at  # valid: used, not rebuilt
+    assert (plan.folder / store.CACHE_FILE).local_path().stat().st_mtime_ns == built_at  # valid: used, not rebuilt
     image_run = run_stage(plan_stage(resolve_config("cma", without)), publish=False)
     assert cached_run.run_path != image_run.run_path
     events = lambda result: [r for r in result.history if r.get("event") == "feature_cache"]  # noqa: E731
