@@ -98,8 +98,8 @@ submit() {
 }
 
 step "4. dry run, then each stage on two nodes"
-submit --stage nlt --num-workers 2 --dry-run | tail -5
-# clip stands in for the downloaded CLIP weights the real config reads from /models
+# clip stands in for the downloaded CLIP weights the real config reads from /models, so it is the first stage
+submit --stage clip --num-workers 2 --dry-run 2>&1 | grep -vE " (INFO|WARNING) " | tail -12
 submit --stage clip --num-workers 2 --set train.max_steps=60 --set train.eval_every=30 2>&1 | grep -E "^\[|succeeded|failed" | tail -6
 submit --stage nlt --num-workers 2 --set train.max_steps=60 --set train.eval_every=30 2>&1 | grep -E "^\[|succeeded|failed" | tail -6
 
