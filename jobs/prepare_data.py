@@ -173,11 +173,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"{out / schema.REJECTS_DIR}", EXIT_TOO_MANY_BAD)
 
     from ccr_ray import ray_utils
+
+    # before Ray Data is imported: it sets up its console logging from the environment at import
+    ray_utils.quiet_logs(resolve_home() / "logs" / "prepare_data-ray.log", verbose=args.verbose)
     from ccr_ray.data import ingest
 
     shards = plan_shards(parsed.records, list(spec.languages), args.shard_size)
-    ray_log = resolve_home() / "logs" / "prepare_data-ray.log"  # Ray's own logs (local: --out may be a URI)
-    ray_utils.quiet_logs(ray_log, verbose=args.verbose)
     started = ray_utils.ensure_ray()
     try:
         t0 = time.perf_counter()
