@@ -106,16 +106,16 @@ submit --stage nlt --num-workers 2 --set train.max_steps=60 --set train.eval_eve
 step "5. a worker node dies mid-stage; a replacement joins; the same command again if the job gave up"
 submit --stage le --num-workers 2 --set train.max_steps=120 --set train.eval_every=20 >"$WORK/le-1.log" 2>&1 &
 SUBMIT=$!
-python - "$STORE/runs/rehearsal/le" <<'EOF'
-# wait for the first checkpoint the run registers (train_log.jsonl shows a validation)
+python - "$STORE/runs/rehearsal/ray" <<'EOF' || true
+# wait for the first checkpoint Train registers for le (a checkpoint_* folder in its run folder on S3)
 import sys, time
 from ccr_ray.storage import Location
-run = Location.of(sys.argv[1])
+runs = Location.of(sys.argv[1])
 deadline = time.time() + 600
 while time.time() < deadline:
-    logs = [f for f, _ in run.walk_files() if f.endswith("train_log.jsonl")] if run.exists() else []
-    if logs and any('"val/' in line for line in (run / logs[0]).read_text().splitlines()):
-        print("le has a checkpoint:", logs[0]); break
+    names = [n for n in (runs.children() if runs.exists() else []) if n.startswith("le-")]
+    if names and any(c.startswith("checkpoint_") for c in (runs / names[0]).children()):
+        print("le has a checkpoint in", runs / names[0]); break
     time.sleep(2)
 EOF
 kill -KILL -- "-$WORKER_PG"
