@@ -12,7 +12,7 @@ and, for local folders and files:
     with staged_folder(target) as tmp:     write into a hidden sibling; on success it replaces `target` by renames,
         ...                                on an exception it is removed and `target` is left as it was
     swap_in(tmp, target)                   the rename step alone, for writers that stage over several calls
-    atomic_write_text(path, text)          a file, by rename
+    Location.of(path).write_text(text)     a file, by rename (local) or one PUT (object store)
 
 A multi-node cluster needs storage every node reads and writes (an object store URI, or a mount at the same path
 on every node): `run.storage`, `data.pretrain`/`data.downstream` and `data.feature_cache_dir` accept either.
@@ -63,15 +63,6 @@ def staged_folder(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(path, "tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------- shared storage
