@@ -60,7 +60,11 @@ def run_steps(cfg_dict, data, rank=0, world=1, wrap=None):
     return loop.run(state, shares)
 
 
+STAGES = ["le", "nlt", "cla", "cma"]
+
+
 def train_fn(config):
+    """Every stage in turn in one worker group (one Train start-up, ~20 s here, instead of one per stage)."""
     import ray.train
     import ray.train.torch
 
@@ -70,9 +74,10 @@ def train_fn(config):
     wrap = lambda model: ray.train.torch.prepare_model(  # noqa: E731
         model, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True,
                                                                "broadcast_buffers": False})
-    state = run_steps(config["experiment"], config["data"], rank, world, wrap)
-    # every worker writes what it holds: DDP replicas and the (hand-synchronised) discriminators must agree
-    np.save(os.path.join(config["out"], f"rank{rank}.npy"), trained_vector(state))
+    for stage, experiment in config["experiments"].items():
+        state = run_steps(experiment, config["data"], rank, world, wrap)
+        # every worker writes what it holds: DDP replicas and the (hand-synchronised) discriminators must agree
+        np.save(os.path.join(config["out"], f"{stage}-rank{rank}.npy"), trained_vector(state))
     ray.train.report({"done": 1})
 
 
@@ -83,22 +88,32 @@ def config_for(stage, micro_data, tmp_path):
                                               train={"batch_size": GLOBAL_BATCH, "max_steps": STEPS})).to_dict()
 
 
-@pytest.mark.parametrize("stage", ["le", "nlt", "cla", "cma"])
-def test_two_workers_match_one_worker(ray_local, micro_data, tmp_path, stage):
-    """The 1-worker reference runs in this process: the same TrainState code a 1-worker Ray run executes."""
+@pytest.fixture(scope="module")
+def two_workers(ray_local, micro_data, tmp_path_factory):
+    """STEPS steps of every stage on 2 DDP workers; returns the folder of the ranks' trained vectors, and the
+    stages' configs."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    cfg = config_for(stage, micro_data, tmp_path)
+    tmp_path = tmp_path_factory.mktemp("ddp")
     out = tmp_path / "out"
     out.mkdir()
+    experiments = {stage: config_for(stage, micro_data, tmp_path) for stage in STAGES}
     trainer = TorchTrainer(
-        train_fn, train_loop_config={"experiment": cfg, "data": micro_data, "out": str(out)},
+        train_fn, train_loop_config={"experiments": experiments, "data": micro_data, "out": str(out)},
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-        run_config=ray.train.RunConfig(name=f"ddp-{stage}", storage_path=str(tmp_path / "ray"),
+        run_config=ray.train.RunConfig(name="ddp", storage_path=str(tmp_path / "ray"),
                                        failure_config=ray.train.FailureConfig(controller_failure_limit=0)))
     trainer.fit()
-    rank0, rank1 = np.load(out / "rank0.npy"), np.load(out / "rank1.npy")
+    return out, experiments
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_workers_match_one_worker(two_workers, micro_data, stage):
+    """The 1-worker reference runs in this process: the same TrainState code a 1-worker Ray run executes."""
+    out, experiments = two_workers
+    cfg = experiments[stage]
+    rank0, rank1 = np.load(out / f"{stage}-rank0.npy"), np.load(out / f"{stage}-rank1.npy")
     torch.set_num_threads(1)
     one = trained_vector(run_steps(cfg, micro_data))
     from ccr_ray.config import ExperimentConfig

@@ -256,8 +256,10 @@ def test_drill_driver_killed_then_the_same_command_again(nodes, micro_data, tmp_
     from ccr_ray.storage import Location
     from ccr_ray.train.plan import plan_stage
 
-    steps = 200
-    cfg = config(nodes, tmp_path, "driver-lost", train={"max_steps": steps, "eval_every": 40},
+    # long enough that the first run is still training when its first checkpoint is registered (steps take ~0.3 s
+    # here, so the kill lands a few steps after it), short enough to keep the drill under two minutes
+    steps, every = 60, 15
+    cfg = config(nodes, tmp_path, "driver-lost", train={"max_steps": steps, "eval_every": every},
                  scaling={"num_workers": 1, "cpus_per_worker": 0.5})
     publish_parent(cfg, micro_data)
     path = tmp_path / "driver-lost.json"
@@ -276,7 +278,7 @@ def test_drill_driver_killed_then_the_same_command_again(nodes, micro_data, tmp_
                  "the first checkpoint")
         assert first.poll() is None, log.read_text()[-2000:]
         time.sleep(2)
-        bars = re.findall(r"(\d+)(?:\.\d+)?/" + str(steps), log.read_text().replace("\r", "\n"))  # "61.0/200"
+        bars = re.findall(r"(\d+)(?:\.\d+)?/" + str(steps), log.read_text().replace("\r", "\n"))  # "21.0/60"
         killed_at, step_at_kill = time.time(), max(map(int, bars), default=0)
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
@@ -285,7 +287,7 @@ def test_drill_driver_killed_then_the_same_command_again(nodes, micro_data, tmp_
     # the whole log (train_log.jsonl comes from the last checkpoint; the published one is the best)
     history = [json.loads(line) for line in (plan.output_dir / "train_log.jsonl").read_text().splitlines()]
     resumed = [r["step"] for r in history if r.get("event") == "resumed"]
-    assert resumed and resumed[0] >= 40, resumed  # resumed from a checkpoint, not from step 0
+    assert resumed and resumed[0] >= every, resumed  # resumed from a checkpoint, not from step 0
     lost = losses_lost(history, steps)
     assert lost == 0
     after = [r["time"] for r in history if "loss" in r and r["step"] > resumed[0]]

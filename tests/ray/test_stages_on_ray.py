@@ -1,4 +1,5 @@
-"""Real Ray runs on a local cluster: the job CLIs end to end, resume, and worker-crash recovery."""
+"""Real Ray runs on a local cluster: the job CLIs end to end (then the same command again resumes instead of
+restarting), and worker-crash recovery."""
 
 import json
 import os
@@ -52,22 +53,20 @@ def test_clip_nlt_le_then_evaluate_through_the_job_clis(ray_local, micro_data, t
     assert set(report["results"]) == {"en", "de", "zh"} and report["split"] == "test"
     assert evaluate.main([str(home / "clip" / "checkpoint"), "--baseline", "--langs", "en,fr"]) == 0
 
-
-def test_rerunning_the_same_config_resumes_instead_of_restarting(ray_local, micro_cfg):
-    from ccr_ray.train.driver import run_stage
+    # the same command again: same run name and storage, so Ray Train V2 resumes from the last checkpoint (step 4
+    # of 4) and nothing is retrained (one Train run, not a second chain: the suite's time budget)
+    first = json.loads((home / "clip" / "result.json").read_text())["run"]
+    saved = sorted(p for p in os.listdir(first) if p.startswith("checkpoint_"))
+    assert train_stage.main(["--stage", "clip", "--config", config]) == 0
+    assert json.loads((home / "clip" / "result.json").read_text())["run"] == first
+    assert sorted(p for p in os.listdir(first) if p.startswith("checkpoint_")) == saved
+    assert ckpt.read_meta(home / "clip" / "checkpoint").step == 4
+    # a changed config is a different run (its own name, so it would not resume this one)
     from ccr_ray.train.plan import plan_stage
 
-    cfg = micro_cfg("clip")
-    first = run_stage(plan_stage(cfg))
-    saved = sorted(p for p in os.listdir(first.run_path) if p.startswith("checkpoint_"))
-    # same name + storage: Ray Train V2 resumes from the last checkpoint (step 4 of 4): nothing is retrained
-    second = run_stage(plan_stage(cfg))
-    assert first.run_path == second.run_path
-    assert sorted(p for p in os.listdir(second.run_path) if p.startswith("checkpoint_")) == saved
-    assert ckpt.read_meta(second.checkpoint).step == 4
-    # a changed config is a different run
-    third = run_stage(plan_stage(micro_cfg("clip", optim={"lr": 5e-4})))
-    assert third.run_path != first.run_path
+    changed = json.loads(open(config).read())
+    changed["optim"] = {"lr": 5e-4}
+    assert plan_stage(resolve_config("clip", changed)).run_name != plan_stage(resolve_config("clip", config)).run_name
 
 
 CRASH_AT_STEP = 3
