@@ -7,7 +7,7 @@
 #   5. a worker node dies mid-stage; the same command resubmitted   6. fetch the checkpoint and evaluate
 #   7. tear down (by process group: `ray stop` would kill every Ray process on the machine)
 #
-# Usage: bash cluster/rehearse.sh [WORK_DIR]      (default /tmp/ccr-rehearsal; about 10 minutes on 2 cores)
+# Usage: bash cluster/rehearse.sh [WORK_DIR]      (default /tmp/ccr-rehearsal; about 12 minutes on 2 cores)
 # Needs the dev install (`make setup`: moto[server] is in the dev extra). Binds only 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
