@@ -60,7 +60,7 @@ def run_steps(cfg_dict, data, rank=0, world=1, wrap=None):
     return loop.run(state, shares)
 
 
-STAGES = ["le", "nlt", "cla", "cma"]
+STAGES_UNDER_TEST = ["le", "nlt", "cla", "cma"]
 
 
 def train_fn(config):
@@ -98,7 +98,7 @@ def two_workers(ray_local, micro_data, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("ddp")
     out = tmp_path / "out"
     out.mkdir()
-    experiments = {stage: config_for(stage, micro_data, tmp_path) for stage in STAGES}
+    experiments = {stage: config_for(stage, micro_data, tmp_path) for stage in STAGES_UNDER_TEST}
     trainer = TorchTrainer(
         train_fn, train_loop_config={"experiments": experiments, "data": micro_data, "out": str(out)},
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
@@ -108,7 +108,7 @@ def two_workers(ray_local, micro_data, tmp_path_factory):
     return out, experiments
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", STAGES_UNDER_TEST)
 def test_two_workers_match_one_worker(two_workers, micro_data, stage):
     """The 1-worker reference runs in this process: the same TrainState code a 1-worker Ray run executes."""
     out, experiments = two_workers
