@@ -256,8 +256,8 @@ def test_drill_driver_killed_then_the_same_command_again(nodes, micro_data, tmp_
     from ccr_ray.storage import Location
     from ccr_ray.train.plan import plan_stage
 
-    # long enough that the first run is still training when its first checkpoint is registered (steps take ~0.3 s
-    # here, so the kill lands a few steps after it), short enough to keep the drill under two minutes
+    # long enough that the first run is still training when a checkpoint is registered (in the last suite run the
+    # kill landed at step 31, one step after the step-30 checkpoint), short enough to keep the drill near two minutes
     steps, every = 60, 15
     cfg = config(nodes, tmp_path, "driver-lost", train={"max_steps": steps, "eval_every": every},
                  scaling={"num_workers": 1, "cpus_per_worker": 0.5})

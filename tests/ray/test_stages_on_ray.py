@@ -64,9 +64,8 @@ def test_clip_nlt_le_then_evaluate_through_the_job_clis(ray_local, micro_data, t
     # a changed config is a different run (its own name, so it would not resume this one)
     from ccr_ray.train.plan import plan_stage
 
-    changed = json.loads(open(config).read())
-    changed["optim"] = {"lr": 5e-4}
-    assert plan_stage(resolve_config("clip", changed)).run_name != plan_stage(resolve_config("clip", config)).run_name
+    changed = resolve_config("clip", config, overrides=["optim.lr=5e-4"])  # what `--set optim.lr=5e-4` gives
+    assert plan_stage(changed).run_name != plan_stage(resolve_config("clip", config)).run_name
 
 
 CRASH_AT_STEP = 3
