@@ -39,26 +39,18 @@ def head(tmp_path):
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_MODE", None)
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    dashboard, gcs = free_port(), free_port()
     temp = f"/tmp/ccrjob-{os.getpid()}"
-    # loopback only: both nodes bind 127.0.0.1, the dashboard and job server too
-    proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
-         "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", f"--dashboard-agent-listen-port={free_port()}",
-         "--num-cpus=1", f"--temp-dir={temp}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    procs = [proc]
+    procs = []
     try:
-        wait_until_served(address, env)
-        worker = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
-             "--num-cpus=1", f"--dashboard-agent-listen-port={free_port()}",
-             "--disable-usage-stats"],
-            env={**env, "RAY_AUTH_MODE": "token"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
+        address, gcs = start_head(env, temp, tmp_path / "head.log", procs)
+        with (tmp_path / "worker.log").open("wb") as log:
+            worker = subprocess.Popen(
+                [str(BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
+                 "--num-cpus=1", f"--dashboard-agent-listen-port={free_port()}",
+                 "--disable-usage-stats"],
+                env={**env, "RAY_AUTH_MODE": "token"}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(worker)
-        wait_for_nodes(address, env, 2)
+        wait_for_nodes(address, env, 2, worker, tmp_path / "worker.log")
         yield address, env, home
     finally:
         for p in reversed(procs):
@@ -70,28 +62,74 @@ def head(tmp_path):
         subprocess.run(["rm", "-rf", temp])
 
 
-def wait_until_served(address, env, timeout=120):
-    """Ready when an authenticated client can list jobs."""
+def start_head(env, temp, log_path, procs, attempts=2):
+    """`ray start --head` on loopback; (dashboard address, GCS port) once an authenticated client is served. A head
+    that exits on its own (a port taken between free_port() and Ray binding it) is started again on fresh ports."""
+    for tries in range(1, attempts + 1):
+        dashboard, gcs = free_port(), free_port()
+        with log_path.open("ab") as log:
+            log.write(f"--- try {tries}: GCS port {gcs}, dashboard port {dashboard}\n".encode())
+            log.flush()
+            # loopback only: both nodes bind 127.0.0.1, the dashboard and job server too; every port is picked
+            # here (the client server's default 10001 may belong to someone else on a shared CI host)
+            proc = subprocess.Popen(
+                [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
+                 "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
+                 f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+                 "--num-cpus=1", f"--temp-dir={temp}", "--disable-usage-stats"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(proc)
+        address = f"http://127.0.0.1:{dashboard}"
+        outcome = wait_until_served(address, env, proc)
+        if outcome == "served":
+            return address, gcs
+        if outcome == "timeout":  # alive but not serving: another try would only add a second head
+            break
+    pytest.fail(f"ray start --head did not come up ({tries} tries)\n" + diagnosis(log_path, temp))
+
+
+def diagnosis(log_path, temp=None, lines=40) -> str:
+    """The tail of the `ray start` output and of the session's GCS/dashboard logs, for a failure message."""
+    parts = [f"--- {log_path.name}", *log_path.read_text(errors="replace").splitlines()[-lines:]]
+    if temp:
+        for name in ("gcs_server.err", "gcs_server.out", "dashboard.log", "dashboard.err", "raylet.err"):
+            for f in sorted(Path(temp).glob(f"session_latest/logs/{name}")):
+                parts += [f"--- {name}", *f.read_text(errors="replace").splitlines()[-lines:]]
+    return "\n".join(parts)
+
+
+def wait_until_served(address, env, proc, timeout=300) -> str:
+    """"served" once an authenticated client can list jobs, "exited" if the head process ends first, else "timeout"
+    (one CI run on 2 busy cores did not see it served within the 120 s this waited before)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], capture_output=True,
-                               env={**env, "RAY_AUTH_MODE": "token"}, timeout=60)
+        if proc.poll() is not None:
+            return "exited"
+        try:
+            probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], capture_output=True,
+                                   env={**env, "RAY_AUTH_MODE": "token"}, timeout=60)
+        except subprocess.TimeoutExpired:
+            continue
         if probe.returncode == 0:
-            return
+            return "served"
         time.sleep(2)
-    pytest.fail("ray start --head did not come up")
+    return "timeout"
 
 
-def wait_for_nodes(address, env, count, timeout=120):
+def wait_for_nodes(address, env, count, worker, log_path, timeout=300):
     """The cluster has `count` alive nodes (asked through the dashboard's state API, with the token)."""
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        listed = subprocess.run([str(BIN / "ray"), "list", "nodes", "--address", address, "--format", "json"],
-                                capture_output=True, text=True, env={**env, "RAY_AUTH_MODE": "token"}, timeout=60)
+    while time.time() < deadline and worker.poll() is None:
+        try:
+            listed = subprocess.run([str(BIN / "ray"), "list", "nodes", "--address", address, "--format", "json"],
+                                    capture_output=True, text=True, env={**env, "RAY_AUTH_MODE": "token"},
+                                    timeout=60)
+        except subprocess.TimeoutExpired:
+            continue
         if listed.returncode == 0 and sum(n.get("state") == "ALIVE" for n in json.loads(listed.stdout)) >= count:
             return
         time.sleep(2)
-    pytest.fail(f"the cluster did not reach {count} nodes")
+    pytest.fail(f"the cluster did not reach {count} nodes\n" + diagnosis(log_path))
 
 
 def submit(address, env, *job, extra_env=None, timeout=600):
