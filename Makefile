@@ -33,10 +33,11 @@ browser: setup
 demo: setup
 	$(BIN)/python jobs/demo.py
 
-# two xdist workers, whole files (tests/serve, tests/export whole dirs) per worker, longest first: tests/conftest.py
+# two xdist workers; each test file (tests/serve, tests/export: each folder) runs whole on one, the longest first
+# (the grouping scheduler and the order are in tests/conftest.py)
 TEST_WORKERS ?= 2
 test: setup browser
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --no-loadscope-reorder
 
 lint: setup
 	$(BIN)/ruff check ccr_ray jobs export bench tests

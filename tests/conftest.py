@@ -26,32 +26,42 @@ MICRO_PRESET = str(FIXTURES / "micro-vit.json")
 SHARED_DATA = Path(os.environ.get("CCR_RAY_SHARED_DATA", REPO.parent / "shared" / "data"))
 sys.path.insert(0, str(REPO / "jobs"))  # tests import the job CLIs by module name
 
-# `make test` runs the suite on two pytest-xdist workers (--dist loadgroup): most of a Ray test's wall time is spent
-# waiting on process start-ups, so two run side by side on 2 cores. A group runs whole on one worker: a test file
-# (its module fixtures are built once), or all of tests/serve and tests/export (their session fixtures train and
-# export a model, built once). Groups are handed out in this order, the longest first (durations of a serial run,
-# README "Tests"), so the two workers finish close together.
+# `make test` runs the suite on two pytest-xdist workers: most of a Ray test's wall time is spent waiting on process
+# start-ups, so two run side by side on 2 cores. A group runs whole on one worker: a test file (its module fixtures
+# are built once), or all of tests/serve and tests/export (their session fixtures train and export a model, built
+# once). Groups are handed out in collection order, which puts the longest first (durations of a serial run, README
+# "Tests"), so the two workers finish close together. (xdist's own --dist loadgroup does not group under pytest 9:
+# it renames item._nodeid, which pytest 9 no longer reads; a scheduler of our own groups by path instead.)
 LONGEST_FIRST = ("tests/ray/test_multinode.py", "tests/serve", "tests/ray/test_stages_on_ray.py",
                  "tests/ray/test_tune.py", "tests/export", "tests/ray/test_real_text.py", "tests/ray/test_storage.py")
 SHARED_SESSION_FIXTURES = ("tests/serve", "tests/export")
 
 
-def schedule_group(item: pytest.Item) -> str:
-    path = item.path.relative_to(REPO).as_posix()
+def schedule_group(nodeid: str) -> str:
+    path = nodeid.split("::", 1)[0]
     return next((d for d in SHARED_SESSION_FIXTURES if path.startswith(d + "/")), path)
 
 
 def schedule_rank(item: pytest.Item) -> int:
-    group = schedule_group(item)
+    group = schedule_group(item.nodeid)
     return next((i for i, g in enumerate(LONGEST_FIRST) if group == g), len(LONGEST_FIRST))
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's worker hook reads the xdist_group marks
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_modifyitems(items):
     items.sort(key=schedule_rank)  # stable: a file's tests keep their order and stay together
-    if config.pluginmanager.hasplugin("xdist"):
-        for item in items:
-            item.add_marker(pytest.mark.xdist_group(schedule_group(item)))
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: absent without the plugin
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        """xdist's loadscope (whole units, handed out as workers free up) with our groups as the units."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return schedule_group(nodeid)
+
+    return GroupScheduling(config, log)
 
 
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -109,3 +119,4 @@ def micro_cfg(micro_data, tmp_path):
         return resolve_config(stage, micro_config(micro_data, str(tmp_path), **sections))
 
     return make
+

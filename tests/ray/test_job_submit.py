@@ -126,8 +126,10 @@ def wait_for_nodes(address, env, count, worker, log_path, timeout=300):
                                     timeout=60)
         except subprocess.TimeoutExpired:
             continue
-        if listed.returncode == 0 and sum(n.get("state") == "ALIVE" for n in json.loads(listed.stdout)) >= count:
-            return
+        # before the first node registers, the state API prints "No resource in the cluster", not JSON
+        if listed.returncode == 0 and listed.stdout.lstrip().startswith("["):
+            if sum(n.get("state") == "ALIVE" for n in json.loads(listed.stdout)) >= count:
+                return
         time.sleep(2)
     pytest.fail(f"the cluster did not reach {count} nodes\n" + diagnosis(log_path))
 
