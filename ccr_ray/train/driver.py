@@ -121,7 +121,7 @@ def run_stage(plan: StagePlan, fresh: bool = False, callbacks: list | None = Non
     trainer = build_trainer(plan, callbacks=callbacks, storage_path=storage_path, name=name, train_fn=train_fn)
     result = trainer.fit()
     if result.error:
-        raise result.error
+        raise training_failure(plan, run_dir, result.error) from result.error
     with result.checkpoint.as_directory() as last:
         history = ckpt.read_meta(last).log  # the whole log lives in the last checkpoint
     out = plan.output_dir / CHECKPOINT_DIR
@@ -131,6 +131,26 @@ def run_stage(plan: StagePlan, fresh: bool = False, callbacks: list | None = Non
             ckpt.copy_checkpoint(folder, out)
             publish_run_files(plan, meta, history, result, run_dir)
     return StageResult(checkpoint=out, metrics=meta.metrics, run_path=run_dir.uri, history=history)
+
+
+class TrainingFailed(StageError):
+    """A stage's Ray Train run failed after its retries (`run.max_failures`). The message names the stage, the run
+    folder on its storage and the root cause in one line; the full chain stays on the exception (`__cause__`)."""
+
+
+def training_failure(plan: StagePlan, run_dir: Location, error: BaseException) -> TrainingFailed:
+    """Ray Train's TrainingFailedError as one line. Its message is the cause's whole traceback; the root cause is a
+    worker's exception (WorkerGroupError.worker_failures, lowest rank first) or the controller's (ControllerError,
+    e.g. an upload to an unreachable object store), and its last line says what happened."""
+    failures = getattr(error, "worker_failures", None) or {}
+    cause = failures[min(failures)] if failures else getattr(error, "controller_failure", error)
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    detail = lines[-1] if lines else type(cause).__name__
+    if not detail.startswith(type(cause).__name__):
+        detail = f"{type(cause).__name__}: {detail}"
+    where = "worker" if failures else "controller" if hasattr(error, "controller_failure") else "Ray Train"
+    return TrainingFailed(f"stage {plan.stage.name} failed ({where}: {detail}); its run is {run_dir.uri}: the same "
+                          "command again resumes it from its last checkpoint there")
 
 
 def select_checkpoint(result, select: str):

@@ -305,7 +305,7 @@ def test_drill_storage_unreachable_for_a_while(nodes, micro_data, tmp_path):
 
     from ccr_ray import checkpoint as ckpt
     from ccr_ray.stages import resolve_config
-    from ccr_ray.train.driver import run_stage
+    from ccr_ray.train.driver import TrainingFailed, run_stage
     from ccr_ray.train.plan import plan_stage
 
     steps = 12
@@ -328,7 +328,9 @@ def test_drill_storage_unreachable_for_a_while(nodes, micro_data, tmp_path):
     thread.join(timeout=600)
     assert not thread.is_alive()
     out = plan.output_dir / "checkpoint"
-    if "error" in box:  # failed: clearly, and nothing half-published
+    if "error" in box:  # failed: clearly (one line naming the stage, the cause and the run on S3), nothing published
+        assert isinstance(box["error"], TrainingFailed), repr(box["error"])
+        assert str(box["error"]).startswith("stage nlt failed (") and "s3://" in str(box["error"])
         assert not (out / ckpt.STATE_FILE).exists()
         report_drill("storage unreachable for 6 s", outcome=f"failed: {type(box['error']).__name__}",
                      records_lost=0, steps_redone=None, recovery_seconds=None)

@@ -1,0 +1,43 @@
+"""A failed Ray Train run reaches the user as one line: the stage, the root cause (a worker's or the controller's,
+out of Ray Train's exception whose message is a whole traceback), and the run folder the same command resumes."""
+
+from types import SimpleNamespace
+
+import pytest
+from ray.train import ControllerError, WorkerGroupError
+
+from ccr_ray.storage import Location
+from ccr_ray.train.driver import TrainingFailed, training_failure
+from ccr_ray.train.plan import StageError
+
+TRACEBACK = "Traceback (most recent call last):\n  File \"x.py\", line 3, in f\n    upload()\n"
+
+
+@pytest.fixture()
+def where(tmp_path):
+    return SimpleNamespace(stage=SimpleNamespace(name="nlt")), Location.of(tmp_path / "runs" / "t" / "nlt-1a2b")
+
+
+def test_a_controller_failure_names_its_root_cause_and_the_run(where):
+    plan, run_dir = where
+    cause = OSError(TRACEBACK + "OSError: When uploading 'ccr/runs/t/nlt-1a2b/checkpoint_000001/model.safetensors' "
+                    "in bucket 'ccr-test': AWS Error NETWORK_CONNECTION: Couldn't connect to server")
+    err = training_failure(plan, run_dir, ControllerError(cause))
+    message = str(err)
+    assert isinstance(err, TrainingFailed) and isinstance(err, StageError)  # the CLIs print StageError as one line
+    assert "\n" not in message and "Traceback" not in message
+    assert message.startswith("stage nlt failed (controller: OSError: When uploading")
+    assert "bucket 'ccr-test'" in message and run_dir.uri in message and "resumes" in message
+
+
+def test_a_worker_failure_reports_the_lowest_rank_and_keeps_a_bare_message_typed(where):
+    plan, run_dir = where
+    failures = {1: ValueError(TRACEBACK + "ValueError: rank one"), 0: RuntimeError("CUDA out of memory")}
+    message = str(training_failure(plan, run_dir, WorkerGroupError("2 workers failed", failures)))
+    assert "(worker: RuntimeError: CUDA out of memory)" in message and "rank one" not in message
+
+
+def test_an_error_that_is_not_ray_trains_is_still_one_line(where):
+    plan, run_dir = where
+    message = str(training_failure(plan, run_dir, KeyError("split")))
+    assert message.startswith("stage nlt failed (Ray Train: KeyError: 'split')")
