@@ -76,8 +76,8 @@ def private_ray(prefix: str = "ccrray-", env: dict | None = None, **init):
     if ray.is_initialized():
         ray.shutdown()
     temp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
-    # no dashboard: no test of a private cluster asks it anything, and its processes cost start-up and CPU that
-    # the other xdist worker's tests need (the job-submit test starts its own cluster with one)
+    # no dashboard: no test of a private cluster asks it anything, and it is one process fewer on cores the other
+    # xdist worker shares (the job-submit test starts its own cluster, with one)
     ray.init(**{"address": "local", "num_cpus": 2, "_temp_dir": temp, "log_to_driver": False,
                 "include_dashboard": False, "runtime_env": {"env_vars": {**WORKER_ENV, **(env or {})}}, **init})
     try:

@@ -119,7 +119,12 @@ def run_stage(plan: StagePlan, fresh: bool = False, callbacks: list | None = Non
     if fresh:
         run_dir.delete()
     trainer = build_trainer(plan, callbacks=callbacks, storage_path=storage_path, name=name, train_fn=train_fn)
-    result = trainer.fit()
+    from ray.train import TrainingFailedError
+
+    try:
+        result = trainer.fit()  # Train V2 raises on failure; a Result carrying .error is handled the same way
+    except TrainingFailedError as err:
+        raise training_failure(plan, run_dir, err) from err
     if result.error:
         raise training_failure(plan, run_dir, result.error) from result.error
     with result.checkpoint.as_directory() as last:

@@ -41,3 +41,25 @@ def test_an_error_that_is_not_ray_trains_is_still_one_line(where):
     plan, run_dir = where
     message = str(training_failure(plan, run_dir, KeyError("split")))
     assert message.startswith("stage nlt failed (Ray Train: KeyError: 'split')")
+
+
+def test_run_stage_turns_a_raised_train_failure_into_one_line(where, monkeypatch):
+    """Train V2's fit() raises (it does not return a Result with .error): run_stage must catch that, as the S3
+    drill saw (a ControllerError reached the caller before this was caught)."""
+    from ccr_ray.train import driver
+
+    plan, run_dir = where
+    plan.cfg = SimpleNamespace()
+    cause = OSError("When initiating multiple part upload for key 'ccr/x' in bucket 'ccr-test': AWS Error "
+                    "NETWORK_CONNECTION")
+
+    class Trainer:
+        def fit(self):
+            raise ControllerError(cause)
+
+    monkeypatch.setattr(driver, "ensure_ray", lambda: None)
+    monkeypatch.setattr(driver, "check_resources", lambda cfg: None)
+    monkeypatch.setattr(driver, "build_trainer", lambda *a, **k: Trainer())
+    with pytest.raises(TrainingFailed, match=r"^stage nlt failed \(controller: OSError: When initiating") as err:
+        driver.run_stage(plan, storage_path=str(run_dir.parent), name=run_dir.name)
+    assert err.value.__cause__.controller_failure is cause and run_dir.uri in str(err.value)
