@@ -26,14 +26,16 @@ MICRO_PRESET = str(FIXTURES / "micro-vit.json")
 SHARED_DATA = Path(os.environ.get("CCR_RAY_SHARED_DATA", REPO.parent / "shared" / "data"))
 sys.path.insert(0, str(REPO / "jobs"))  # tests import the job CLIs by module name
 
-# `make test` runs the suite on two pytest-xdist workers: most of a Ray test's wall time is spent waiting on process
-# start-ups, so two run side by side on 2 cores. A group runs whole on one worker: a test file (its module fixtures
-# are built once), or all of tests/serve and tests/export (their session fixtures train and export a model, built
-# once). Groups are handed out in collection order, which puts the longest first (durations of a serial run, README
-# "Tests"), so the two workers finish close together. (xdist's own --dist loadgroup does not group under pytest 9:
-# it renames item._nodeid, which pytest 9 no longer reads; a scheduler of our own groups by path instead.)
+# `make test` runs the suite on two pytest-xdist workers: most of a Ray test's wall time is spent waiting on
+# process start-ups, so two run side by side on 2 cores. A group runs whole on one worker: a test file (its
+# module fixtures are built once), or all of tests/serve and tests/export (their session fixtures train and
+# export a model, built once). Groups are handed out in collection order, which puts the longest first
+# (durations of a serial run, NOTES.md "The suite's cost on 2 cores"), so the two workers finish close
+# together. (xdist's own --dist loadgroup does not group under pytest 9: it renames item._nodeid, which pytest
+# 9 no longer reads; a scheduler of our own groups by path instead.)
 LONGEST_FIRST = ("tests/ray/test_multinode.py", "tests/serve", "tests/ray/test_stages_on_ray.py",
-                 "tests/ray/test_tune.py", "tests/export", "tests/ray/test_real_text.py", "tests/ray/test_storage.py")
+                 "tests/ray/test_tune.py", "tests/export", "tests/ray/test_real_text.py",
+                 "tests/ray/test_storage.py")
 SHARED_SESSION_FIXTURES = ("tests/serve", "tests/export")
 
 
@@ -121,4 +123,3 @@ def micro_cfg(micro_data, tmp_path):
         return resolve_config(stage, micro_config(micro_data, str(tmp_path), **sections))
 
     return make
-

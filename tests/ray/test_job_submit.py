@@ -45,10 +45,11 @@ def head(tmp_path):
         address, gcs = start_head(env, temp, tmp_path / "head.log", procs)
         with (tmp_path / "worker.log").open("wb") as log:
             worker = subprocess.Popen(
-                [str(BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
-                 "--num-cpus=1", f"--dashboard-agent-listen-port={free_port()}",
-                 "--disable-usage-stats"],
-                env={**env, "RAY_AUTH_MODE": "token"}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                [str(BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{gcs}",
+                 "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                 f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"],
+                env={**env, "RAY_AUTH_MODE": "token"}, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
         procs.append(worker)
         wait_for_nodes(address, env, 2, worker, tmp_path / "worker.log")
         yield address, env, home
@@ -63,8 +64,9 @@ def head(tmp_path):
 
 
 def start_head(env, temp, log_path, procs, attempts=2):
-    """`ray start --head` on loopback; (dashboard address, GCS port) once an authenticated client is served. A head
-    that exits on its own (a port taken between free_port() and Ray binding it) is started again on fresh ports."""
+    """`ray start --head` on loopback; (dashboard address, GCS port) once an authenticated client is served. A
+    head that exits on its own (a port taken between free_port() and Ray binding it) is started again on fresh
+    ports."""
     for tries in range(1, attempts + 1):
         dashboard, gcs = free_port(), free_port()
         with log_path.open("ab") as log:
@@ -73,8 +75,8 @@ def start_head(env, temp, log_path, procs, attempts=2):
             # loopback only: both nodes bind 127.0.0.1, the dashboard and job server too; every port is picked
             # here (the client server's default 10001 may belong to someone else on a shared CI host)
             proc = subprocess.Popen(
-                [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
-                 "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
+                [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}",
+                 f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
                  f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
                  "--num-cpus=1", f"--temp-dir={temp}", "--disable-usage-stats"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -98,19 +100,24 @@ def diagnosis(log_path, temp=None, lines=40) -> str:
     return "\n".join(parts)
 
 
+def ray_cli(env, *args) -> subprocess.CompletedProcess | None:
+    """`ray ARGS` as an authenticated client; None when it hangs past 60 s (a busy head): the caller polls."""
+    try:
+        return subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True,
+                              env={**env, "RAY_AUTH_MODE": "token"}, timeout=60)
+    except subprocess.TimeoutExpired:
+        return None
+
+
 def wait_until_served(address, env, proc, timeout=300) -> str:
-    """"served" once an authenticated client can list jobs, "exited" if the head process ends first, else "timeout"
-    (one CI run on 2 busy cores did not see it served within the 120 s this waited before)."""
+    """"served" once an authenticated client can list jobs, "exited" if the head process ends first, else
+    "timeout" (one CI run on 2 busy cores did not see it served within the 120 s this waited before)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             return "exited"
-        try:
-            probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], capture_output=True,
-                                   env={**env, "RAY_AUTH_MODE": "token"}, timeout=60)
-        except subprocess.TimeoutExpired:
-            continue
-        if probe.returncode == 0:
+        probe = ray_cli(env, "job", "list", "--address", address)
+        if probe is not None and probe.returncode == 0:
             return "served"
         time.sleep(2)
     return "timeout"
@@ -120,14 +127,9 @@ def wait_for_nodes(address, env, count, worker, log_path, timeout=300):
     """The cluster has `count` alive nodes (asked through the dashboard's state API, with the token)."""
     deadline = time.time() + timeout
     while time.time() < deadline and worker.poll() is None:
-        try:
-            listed = subprocess.run([str(BIN / "ray"), "list", "nodes", "--address", address, "--format", "json"],
-                                    capture_output=True, text=True, env={**env, "RAY_AUTH_MODE": "token"},
-                                    timeout=60)
-        except subprocess.TimeoutExpired:
-            continue
+        listed = ray_cli(env, "list", "nodes", "--address", address, "--format", "json")
         # before the first node registers, the state API prints "No resource in the cluster", not JSON
-        if listed.returncode == 0 and listed.stdout.lstrip().startswith("["):
+        if listed is not None and listed.returncode == 0 and listed.stdout.lstrip().startswith("["):
             if sum(n.get("state") == "ALIVE" for n in json.loads(listed.stdout)) >= count:
                 return
         time.sleep(2)
