@@ -172,6 +172,9 @@ class RunConfig:
     # in model.backbone.pretrained with fresh multilingual weights (DASD's cross-lingual finetune starts so)
     init_from: str = ""
     max_failures: int = 1  # worker crashes survived by restarting from the last checkpoint
+    # seconds an object-store operation (a checkpoint upload, Train's snapshot) keeps retrying while the store is
+    # unreachable before the stage fails with one line saying so; 0 = fail at the first outage
+    storage_retry_s: float = 120.0
     checkpoints_to_keep: int = 2
     verbose: bool = False  # per-step log lines, the stage plans and Ray's own logs on the console (jobs: --verbose)
 
@@ -276,6 +279,7 @@ _RULES: list[tuple[str, Any, str]] = [
     ("loss.scale", lambda c: c.loss.scale > 0, "must be > 0"),
     ("run.experiment", lambda c: bool(c.run.experiment) and "/" not in c.run.experiment, "must be a plain name"),
     ("run.max_failures", lambda c: c.run.max_failures >= 0, "must be >= 0"),
+    ("run.storage_retry_s", lambda c: c.run.storage_retry_s >= 0, "must be >= 0"),
     ("run.checkpoints_to_keep", lambda c: c.run.checkpoints_to_keep >= 1, "must be >= 1"),
 ]
 

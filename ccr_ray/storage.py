@@ -21,11 +21,14 @@ on every node): `run.storage`, `data.pretrain`/`data.downstream` and `data.featu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +36,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
 
 
 def _sibling(target: Path, tag: str) -> Path:
@@ -72,6 +77,172 @@ def is_uri(path: str | os.PathLike) -> bool:
     return "://" in str(path)
 
 
+# ---------------------------------------------------------------------------------------------- retries
+
+DEFAULT_RETRY_S = 120.0  # how long an object-store operation keeps retrying an unreachable store (run.storage_retry_s)
+# what an unreachable or overloaded store looks like in pyarrow's errors (AWS SDK error names, curl, HTTP 5xx);
+# anything else (a missing key, access denied, a bad bucket name) fails at once
+TRANSIENT_MARKERS = ("NETWORK_CONNECTION", "curlCode", "Could not connect", "Connection refused", "Connection reset",
+                     "timed out", "Timeout", "SERVICE_UNAVAILABLE", "SLOW_DOWN", "THROTTLING", "INTERNAL_FAILURE",
+                     "REQUEST_TIMEOUT", "HTTP status 500", "HTTP status 502", "HTTP status 503", "HTTP status 504")
+
+
+class StorageUnreachable(OSError):
+    """An object-store operation kept failing with transient errors for its whole retry budget."""
+
+
+def is_transient(err: BaseException) -> bool:
+    if not isinstance(err, OSError) or isinstance(err, (FileNotFoundError, FileExistsError, IsADirectoryError,
+                                                          NotADirectoryError, PermissionError, StorageUnreachable)):
+        return False
+    text = str(err)
+    return any(marker in text for marker in TRANSIENT_MARKERS)
+
+
+class RetryingHandler(pafs.FileSystemHandler):
+    """A pyarrow filesystem (wrapped by `pafs.PyFileSystem`) that retries another one's operations while the store
+    is unreachable, for up to `budget_s` seconds from the first failure, with exponential backoff; then it raises
+    StorageUnreachable, one line naming the operation, the path, the budget and the last error.
+
+    Ray Train writes checkpoints and its controller's snapshot through the filesystem it is given, and neither is
+    retried by Train (a controller error fails the run at once), so a short outage of the object store would fail
+    a whole stage; with this layer it only delays it. Writes are staged in a local spooled file and uploaded on
+    close, so a failed upload is retried whole (an object store's PUT or multipart upload is atomic: a reader
+    never sees half of it). pyarrow's own S3 retries (a few attempts within seconds) still run inside each try."""
+
+    def __init__(self, fs: pafs.FileSystem, budget_s: float = DEFAULT_RETRY_S, on_retry=None):
+        self.fs, self.budget_s, self.on_retry = fs, float(budget_s), on_retry
+
+    def __reduce__(self):  # on_retry is a process-local hook (logging, tests); it does not travel
+        return RetryingHandler, (self.fs, self.budget_s)
+
+    def call(self, what: str, path: str, fn, *args, **kwargs):
+        started, delay = time.monotonic(), 0.5
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except OSError as err:
+                if not is_transient(err):
+                    raise
+                waited = time.monotonic() - started
+                if waited >= self.budget_s:
+                    raise StorageUnreachable(
+                        f"storage unreachable: {what} {path} kept failing for {waited:.0f} s (retry budget "
+                        f"run.storage_retry_s={self.budget_s:g}); last error: {str(err).splitlines()[0]}") from err
+                if self.on_retry is not None:
+                    self.on_retry(what, path, err, waited)
+                elif delay == 0.5:  # the first retry of this operation
+                    log.warning("storage unreachable (%s %s: %s); retrying for up to %g s", what, path,
+                                str(err).splitlines()[0], self.budget_s)
+                time.sleep(min(delay, max(self.budget_s - waited, 0.0)))
+                delay = min(delay * 2, 8.0)
+
+    # -------------------------------------------------------------- FileSystemHandler
+    def get_type_name(self) -> str:
+        return f"retrying+{self.fs.type_name}"
+
+    def equals(self, other) -> bool:
+        return isinstance(other, RetryingHandler) and self.fs.equals(other.fs) and self.budget_s == other.budget_s
+
+    def normalize_path(self, path):
+        return self.fs.normalize_path(path)
+
+    def get_file_info(self, paths):
+        return self.call("stat", ",".join(paths[:3]), self.fs.get_file_info, paths)
+
+    def get_file_info_selector(self, selector):
+        return self.call("list", selector.base_dir, self.fs.get_file_info, selector)
+
+    def create_dir(self, path, recursive):
+        return self.call("mkdir", path, self.fs.create_dir, path, recursive=recursive)
+
+    def delete_dir(self, path):
+        return self.call("delete", path, self.fs.delete_dir, path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        return self.call("delete", path, self.fs.delete_dir_contents, path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        return self.call("delete", "/", self.fs.delete_dir_contents, "/", accept_root_dir=True, missing_dir_ok=True)
+
+    def delete_file(self, path):
+        return self.call("delete", path, self.fs.delete_file, path)
+
+    def move(self, src, dest):
+        return self.call("move", src, self.fs.move, src, dest)
+
+    def copy_file(self, src, dest):
+        return self.call("copy", src, self.fs.copy_file, src, dest)
+
+    def open_input_stream(self, path):
+        return self.call("read", path, self.fs.open_input_stream, path)
+
+    def open_input_file(self, path):
+        return self.call("read", path, self.fs.open_input_file, path)
+
+    def open_output_stream(self, path, metadata):
+        import pyarrow as pa
+
+        return pa.PythonFile(_RetriedUpload(self, path, metadata), mode="w")
+
+    def open_append_stream(self, path, metadata):
+        return self.call("append", path, self.fs.open_append_stream, path, metadata=metadata)
+
+
+class _RetriedUpload:
+    """The file object behind RetryingHandler.open_output_stream: bytes go to a local spooled file; `close`
+    uploads them, retrying the whole upload while the store is unreachable."""
+
+    SPILL_BYTES = 64 * 2 ** 20
+
+    def __init__(self, handler: RetryingHandler, path: str, metadata):
+        self.handler, self.path, self.metadata = handler, path, metadata
+        self.buffer = tempfile.SpooledTemporaryFile(max_size=self.SPILL_BYTES)
+        self.closed = False
+
+    def write(self, data) -> int:
+        return self.buffer.write(data)
+
+    def tell(self) -> int:
+        return self.buffer.tell()
+
+    def flush(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.handler.call("write", self.path, self._upload)
+        finally:
+            self.buffer.close()
+
+    def _upload(self) -> None:
+        self.buffer.seek(0)
+        with self.handler.fs.open_output_stream(self.path, metadata=self.metadata) as out:
+            shutil.copyfileobj(self.buffer, out, 8 * 2 ** 20)
+
+
+def with_retries(fs: pafs.FileSystem, budget_s: float = DEFAULT_RETRY_S) -> pafs.FileSystem:
+    """`fs` behind RetryingHandler (another budget replaces an earlier wrapper's); local disks are returned as
+    they are: they have no outages to ride through."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return fs
+    if isinstance(fs, pafs.PyFileSystem) and isinstance(fs.handler, RetryingHandler):
+        fs = fs.handler.fs
+    return pafs.PyFileSystem(RetryingHandler(fs, budget_s))
+
+
 @dataclass(frozen=True)
 class Location:
     """A file or folder on local disk, a shared mount or an object store, behind one pyarrow filesystem.
@@ -94,7 +265,12 @@ class Location:
             local = str(Path(os.path.expanduser(text)).absolute())
             return cls(local, pafs.LocalFileSystem(), local)
         fs, path = pafs.FileSystem.from_uri(text)
-        return cls(text, fs, path.rstrip("/"))
+        return cls(text, with_retries(fs), path.rstrip("/"))
+
+    def with_retry(self, budget_s: float) -> Location:
+        """The same location whose operations retry an unreachable store for `budget_s` seconds (object stores;
+        every remote location retries for DEFAULT_RETRY_S unless given another budget)."""
+        return dataclasses.replace(self, fs=with_retries(self.fs, budget_s))
 
     # -------------------------------------------------------------- names
     @property

@@ -87,7 +87,8 @@ def build_trainer(plan: StagePlan, callbacks: list | None = None, storage_path: 
         num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker},
         placement_strategy=cfg.scaling.placement_strategy)
-    storage = Location.of(spec.storage_path)
+    # checkpoints and Train's own snapshot ride through a storage outage of up to run.storage_retry_s
+    storage = Location.of(spec.storage_path).with_retry(cfg.run.storage_retry_s)
     run_config = ray.train.RunConfig(
         name=spec.run_name,
         # shared storage is handed over as its pyarrow filesystem, so URI options (endpoint, region) carry over
