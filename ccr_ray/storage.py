@@ -240,6 +240,12 @@ def with_retries(fs: pafs.FileSystem, budget_s: float = DEFAULT_RETRY_S) -> pafs
         return fs
     if isinstance(fs, pafs.PyFileSystem) and isinstance(fs.handler, RetryingHandler):
         fs = fs.handler.fs
+    if isinstance(fs, pafs.S3FileSystem):
+        # uploads in the calling thread: copy_files runs the handler on arrow's IO threads, and S3's background
+        # writes wait for those same threads (a deadlock with 8+ files: apache/arrow#32372, which Ray Train works
+        # around only for a bare S3FileSystem); the upload is one PUT per file here anyway
+        reconstruct, (options,) = fs.__reduce__()
+        fs = reconstruct({**options, "background_writes": False})
     return pafs.PyFileSystem(RetryingHandler(fs, budget_s))
 
 

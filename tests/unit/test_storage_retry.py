@@ -131,3 +131,33 @@ def test_remote_locations_retry_local_ones_do_not_and_the_budget_travels(tmp_pat
                                                                      "http&region=us-east-1")
     again = pickle.loads(pickle.dumps(short.fs))  # Ray Train ships the filesystem to its controller and workers
     assert again.handler.budget_s == 7.5 and isinstance(again.handler.fs, pafs.S3FileSystem)  # rewrapped, not nested
+
+
+def test_on_s3_a_folder_upload_rides_through_an_outage_and_many_files_do_not_deadlock(tmp_path):
+    """moto S3 on loopback: 24 files at once through the retrying layer (pyarrow's copy_files runs the handler on
+    its IO threads; with S3's background writes that deadlocked from 8 files on), then the server stopped before
+    an upload and started again once the upload has retried (an event, not a sleep)."""
+    import threading
+
+    from tests.ray.conftest import moto_s3
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for i in range(24):
+        (folder / f"part-{i:02d}.bin").write_bytes(bytes([i]) * 1000)
+    with moto_s3() as server:
+        first = server.root / "first"
+        first.upload_from(folder)
+        assert len(first.walk_files()) == 24
+        retried = threading.Event()
+        target = server.root / "second"
+        target.fs.handler.on_retry = lambda *_: retried.set()
+        server.stop()
+        box = {}
+        upload = threading.Thread(target=lambda: box.update(done=target.upload_from(folder) or True), daemon=True)
+        upload.start()
+        assert retried.wait(120), "the upload never met the outage"
+        server.start()
+        upload.join(300)
+        assert box.get("done") and sorted(n for n, _ in target.walk_files()) == sorted(p.name for p in
+                                                                                      folder.iterdir())
