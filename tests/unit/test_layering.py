@@ -30,7 +30,7 @@ RAY_FREE = [
     "ccr_ray.data.converters.multi30k", "ccr_ray.data.converters.xtd10", "ccr_ray.data.converters.xflickrco",
     "ccr_ray.data.converters.coco_cn",
 ]
-RAY_FREE_DIRS = ["models", "features"]  # every module in these folders, including ones added later
+RAY_FREE_DIRS = ["models", "features", "importers"]  # every module in these folders, including ones added later
 RAY_FREE_EXCEPT = {"ccr_ray.features.build"}  # the cache's Ray Data build
 
 # The layers, lowest first. A module may import modules of its own layer or of lower ones, never of a higher one.
@@ -40,7 +40,9 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("stage table", ["ccr_ray.stages"]),
     ("text, images, data layout", ["ccr_ray.tokenization", "ccr_ray.plots", "ccr_ray.data", "ccr_ray.data.schema",
                                    "ccr_ray.data.transforms", "ccr_ray.data.grammar", "ccr_ray.data.scenes",
-                                   "ccr_ray.data.synthetic"]),
+                                   "ccr_ray.data.synthetic",
+                                   # packaged encoders -> Hugging Face folders (numpy, tokenizers, safetensors)
+                                   "ccr_ray.importers"]),
     ("torch-free inference", ["ccr_ray.runtime"]),
     ("models", ["ccr_ray.models", "ccr_ray.losses", "ccr_ray.optim", "ccr_ray.eval", "ccr_ray.eval.metrics"]),
     ("checkpoints", ["ccr_ray.checkpoint"]),
