@@ -72,17 +72,21 @@ CRASH_AT_STEP = 3
 
 
 def worker_that_crashes_once(config: dict) -> None:
-    """The production worker with a fault injected after step CRASH_AT_STEP; a marker in the run's storage makes it
-    fire once, so the replacement worker (FailureConfig) runs through."""
+    """The production worker with a fault injected after step CRASH_AT_STEP, once the step-2 checkpoint is registered
+    by Ray Train (so the step it resumes from does not depend on how fast the controller is); a marker in the run's
+    storage makes it fire once, so the replacement worker (FailureConfig) runs through."""
     from ccr_ray.storage import Location
     from ccr_ray.train.plan import WorkerSpec
     from ccr_ray.train.worker import run_worker
+    from tests.ray.drills import registered_step, wait_for
 
     spec = WorkerSpec.from_dict(config)
+    run_dir = Location.of(spec.storage_path) / spec.run_name
     marker = Location.of(spec.storage_path) / f".{spec.run_name}.crashed"  # the run's storage, local or shared
 
     def crash_once(state, metrics):
         if state.step == CRASH_AT_STEP and not marker.exists():
+            wait_for(lambda: registered_step(run_dir) == 2, 300, "the step-2 checkpoint registered")
             marker.write_text("")
             raise RuntimeError(f"injected crash at step {CRASH_AT_STEP}")
 

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from tests.conftest import REPO, micro_config
+from tests.ray.drills import Gate, wait_for
 
 pytestmark = pytest.mark.ray
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -46,20 +47,21 @@ def test_sweep_stops_weak_trials_survives_a_killed_driver_and_reports(ray_local,
             "--num-samples", "1", "--name", "micro"]
     sweep_dir = home / "sweeps" / "micro"
 
-    # 1. the driver in its own process, on this test's cluster; killed once a trial has finished
+    # 1. the driver in its own process, on this test's cluster, its later trials held at their start
+    # (tests/ray/drills.py); killed once the first trial has finished and the second waits, whatever the speed
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
-           "PYTHONPATH": f"{REPO / 'jobs'}:{REPO}"}
-    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "tune.py"), *args], env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 420
-    while time.time() < deadline and not finished_trials(sweep_dir) and proc.poll() is None:
-        time.sleep(1)
-    assert proc.poll() is None, "the sweep ended before it could be killed"
-    before = finished_trials(sweep_dir)
-    assert len(before) >= 1, "no trial finished in time"
+           "PYTHONPATH": f"{REPO}:{REPO / 'jobs'}"}
+    gate = Gate(str(tmp_path / "gate"), 0)
+    proc = subprocess.Popen([sys.executable, "-m", "tests.ray.drills", "--gate-folder", gate.folder, "tune", *args],
+                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    gate.wait_reached(running=lambda: proc.poll() is None)
+    before = wait_for(lambda: finished_trials(sweep_dir), 300, "the first trial's end event",
+                      running=lambda: proc.poll() is None)
+    assert len(before) == 1
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert len(finished_trials(sweep_dir)) < TRIALS  # killed mid-sweep
+    assert len(finished_trials(sweep_dir)) == 1  # killed mid-sweep: the held trial never trained
 
     # 2. the same command with --resume finishes it
     resumed_at = time.perf_counter()
