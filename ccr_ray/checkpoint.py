@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,8 +88,8 @@ def save_checkpoint(path: str | os.PathLike, model: CCRModel, meta: CheckpointMe
         state = {"stage": meta.stage, "step": meta.step, "metrics": meta.metrics, "best_score": meta.best_score,
                  "best_step": meta.best_step, "log": meta.log, "optimizer_scalars": optimizer_scalars or {}}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-        if tokenizer_dir and Path(tokenizer_dir).is_dir():
-            shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
+        if tokenizer_dir and Path(tokenizer_dir).is_dir():  # its tokenizer files: an M-BERT folder also holds weights
+            copy_tokenizer_files(tokenizer_dir, tmp / TOKENIZER_DIR)
         english = english_tokenizer_folder(meta.clip_cfg)
         if english:  # only the tokenizer files: an HF model folder also holds the weights
             copy_tokenizer_files(english, tmp / EN_TOKENIZER_DIR)

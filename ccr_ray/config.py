@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import json
 import os
 import types
@@ -25,6 +26,7 @@ from ccr_ray.storage import Location
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
 # Language codes the project knows how to name, tokenize and evaluate. English always takes the CLIP path.
+EMBEDDINGS_TRANSFER = "transfer"  # model.text.embeddings_init: vocabulary transfer from the English tower
 KNOWN_LANGUAGES = ("en", "de", "fr", "cs", "zh", "ja", "nl", "es", "it", "ko", "pl", "ru", "tr", "id")
 
 
@@ -52,7 +54,17 @@ class BackboneConfig:
 @dataclass
 class TextConfig:
     tokenizer: str = "auto"  # Hugging Face tokenizer folder for non-English text (M-BERT); "auto" = the dataset's own
-    embeddings_init: str = ""  # M-BERT folder whose word-embedding matrix initialises E; "" = random N(0, init_std)
+    # what initialises E: a Hugging Face model folder whose word-embedding matrix is the table (M-BERT's, or
+    # multilingual-e5-small imported by jobs/import_encoder.py), "transfer" (vocabulary transfer from the English
+    # tower: a piece it also has gets its row, any other the mean of the rows of the pieces the English tokenizer
+    # splits it into, random only when it has none; E is then the tower's own input width and W_e starts as the
+    # identity), or "" (random N(0, init_std))
+    embeddings_init: str = ""
+    # keep only the rows of pieces the prepared training/val captions use (plus the specials): a 250k-piece table
+    # trains as the tens of thousands the data reaches; unseen pieces read as <unk> (the tokenizer's vocab_map.json)
+    trim_vocab: bool = False
+    freeze_table: bool = False  # E stays as initialised (a pretrained table); W_e and the adapters still train
+    freeze_projection: bool = False  # W_e, b_e stay as initialised
     # std of E's random init (0.02: BERT's). A random table read by a frozen tower must carry more token signal
     # than the W_e bias and the tower's positions, or every caption looks alike to it (README, real-text benchmark)
     init_std: float = 0.02
@@ -134,6 +146,7 @@ class OptimConfig:
     eps: float = 1e-6
     max_grad_norm: float = 1.0  # BertAdam: per parameter tensor; AdamW: global norm
     no_decay: list[str] = field(default_factory=lambda: ["bias", "LayerNorm.bias", "LayerNorm.weight"])
+    table_lr: float = 0.0  # the token table E's own learning rate (same schedule); 0 = optim.lr
 
 
 @dataclass
@@ -260,6 +273,7 @@ _RULES: list[tuple[str, Any, str]] = [
     ("optim.betas", lambda c: len(c.optim.betas) == 2 and all(0 <= b < 1 for b in c.optim.betas),
      "must be two values in [0, 1)"),
     ("optim.eps", lambda c: c.optim.eps > 0, "must be > 0"),
+    ("optim.table_lr", lambda c: c.optim.table_lr >= 0, "must be >= 0 (0 = optim.lr)"),
     ("train.batch_size", lambda c: c.train.batch_size > 0, "must be > 0"),
     ("train.max_steps", lambda c: c.train.max_steps > 0, "must be > 0"),
     ("train.eval_every", lambda c: c.train.eval_every >= 0, "must be >= 0"),
@@ -325,7 +339,10 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise ConfigError(f"{_join(prefix, sorted(unknown)[0])}: unknown field (known: {', '.join(sorted(names))})")
+        name = sorted(unknown)[0]
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean {_join(prefix, close[0])}?" if close else f"known: {', '.join(sorted(names))}"
+        raise ConfigError(f"{_join(prefix, name)}: unknown field ({hint})")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in data:
@@ -335,6 +352,54 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
+
+
+def _section_type(tp: Any) -> Any:
+    """The dataclass or dict behind a field's type (through Optional), else None: a plain value."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+    if dataclasses.is_dataclass(tp) or tp is dict or typing.get_origin(tp) is dict:
+        return tp
+    return None
+
+
+def _config_keys(cls: type = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the config (sections and values)."""
+    cls = cls or ExperimentConfig
+    out = []
+    for name, tp in typing.get_type_hints(cls).items():
+        key = _join(prefix, name)
+        out.append(key)
+        section = _section_type(tp)
+        if section is not None and dataclasses.is_dataclass(section):
+            out.extend(_config_keys(section, key))
+    return out
+
+
+def check_key(key: str) -> None:
+    """Raise ConfigError when a dotted key (`--set`, `--space`) names no config field, with the closest key when
+    one is close: "model.mla.hiddn: unknown field (did you mean model.mla.hidden?)". Keys below a mapping-valued
+    field (`loss.weights.<loss>`) are the stage's to check."""
+    cls: Any = ExperimentConfig
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            prefix, keys = ".".join(parts[:depth]), _config_keys()
+            same_name = [k for k in keys if k.endswith("." + key)]  # "lr" -> optim.lr, when only one is
+            close = (difflib.get_close_matches(key, keys, n=1, cutoff=0.8)
+                     or (same_name if len(same_name) == 1 else [])
+                     or [_join(prefix, c) for c in difflib.get_close_matches(part, hints, n=1)])
+            hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(sorted(hints))}"
+            raise ConfigError(f"{key}: unknown field ({hint})")
+        section = _section_type(hints[part])
+        if section is None:
+            if depth < len(parts) - 1:
+                raise ConfigError(f"{key}: {'.'.join(parts[:depth + 1])} is a value, not a section")
+            return
+        if not dataclasses.is_dataclass(section):
+            return  # a mapping: its keys are checked where it is used
+        cls = section
 
 
 def _coerce(tp: Any, value: Any, name: str) -> Any:
@@ -432,6 +497,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key = key.strip()
         if not key:
             raise ConfigError(f"--set {item!r}: empty key")
+        try:
+            check_key(key)
+        except ConfigError as err:
+            raise ConfigError(f"--set {err}") from None
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:

@@ -114,25 +114,28 @@ def clip_factor(grad: torch.Tensor, max_norm: float) -> float | torch.Tensor:
 
 
 def decay_groups(named_params: Sequence[tuple[str, nn.Parameter]], weight_decay: float,
-                 no_decay: Sequence[str]) -> list[dict]:
-    decay = [p for n, p in named_params if not any(s in n for s in no_decay)]
-    no = [p for n, p in named_params if any(s in n for s in no_decay)]
-    groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
-    if no:
-        groups.append({"params": no, "weight_decay": 0.0})
-    return groups
+                 no_decay: Sequence[str], lr_of: Callable[[str], float | None] | None = None) -> list[dict]:
+    """Parameter groups by weight decay (none for names with a `no_decay` substring) and, where `lr_of` gives a
+    parameter its own learning rate (e.g. the token table's `optim.table_lr`), by learning rate."""
+    groups: dict[tuple[float, float | None], list[nn.Parameter]] = {}
+    for name, param in named_params:
+        decay = 0.0 if any(s in name for s in no_decay) else weight_decay
+        groups.setdefault((decay, lr_of(name) if lr_of else None), []).append(param)
+    ordered = sorted(groups.items(), key=lambda kv: (kv[0][1] is not None, -kv[0][0]))  # decayed first, as before
+    return [{"params": params, "weight_decay": decay, **({"lr": lr} if lr is not None else {})}
+            for (decay, lr), params in ordered]
 
 
 class Optimization:
     """One object the training loop steps: optimizer + schedule + clipping, for BertAdam or AdamW."""
 
-    def __init__(self, named_params: Sequence[tuple[str, nn.Parameter]], cfg, t_total: int):
+    def __init__(self, named_params: Sequence[tuple[str, nn.Parameter]], cfg, t_total: int,
+                 lr_of: Callable[[str], float | None] | None = None):
+        """`lr_of(name)`: a learning rate of its own for that parameter, or None for `cfg.lr`."""
         self.cfg = cfg
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
-        groups = decay_groups(named_params, cfg.weight_decay, cfg.no_decay)
+        groups = decay_groups(named_params, cfg.weight_decay, cfg.no_decay, lr_of)
         self.scheduler = None
         if cfg.name == "bertadam":
             self.optimizer: torch.optim.Optimizer = BertAdam(

@@ -94,6 +94,12 @@ class Stage:
         """The folder of the dataset this stage trains on (data.pretrain or data.downstream), expanded."""
         return cfg.path(getattr(cfg.data, self.dataset))
 
+    def trained_groups(self, cfg: ExperimentConfig) -> tuple[str, ...]:
+        """What trains in a run of this stage: its `trains`, less what the config freezes (a config can freeze a
+        group the stage would train, never train one it would not)."""
+        frozen = {"token_embedding": cfg.model.text.freeze_table, "embedding_proj": cfg.model.text.freeze_projection}
+        return tuple(group for group in self.trains if not frozen.get(group, False))
+
     @property
     def needs_images(self) -> bool:
         return "image" in self.inputs

@@ -152,10 +152,14 @@ class TokenizerInfo:
 
 
 class TargetTokenizer:
-    """A Hugging Face tokenizer folder (M-BERT's, or the one trained for the demo), run through the Rust
-    `tokenizers` library: `[CLS] ... [SEP]`, truncated and padded with [PAD] to the context length, exactly as
-    `tokenizer(texts, padding='max_length', truncation=True, max_length=context_length)`. A folder with only a
-    `vocab.txt` is converted once through transformers and the `tokenizer.json` cached beside it."""
+    """A Hugging Face tokenizer folder (M-BERT's, XLM-R's, or the one trained for the data), run through the Rust
+    `tokenizers` library: `[CLS] ... [SEP]` (`<s> ... </s>`), truncated and padded to the context length, exactly
+    as `tokenizer(texts, padding='max_length', truncation=True, max_length=context_length)`. A folder with only a
+    `vocab.txt` is converted once through transformers and the `tokenizer.json` cached beside it.
+
+    A folder with a vocabulary map (`vocab_map.json`, written by `trim_tokenizer`) maps every id to its row in a
+    trimmed token table: the pieces kept keep their order, every other piece becomes `<unk>`. Training, evaluation,
+    the ONNX export and the torch-free runtime all tokenize through this class, so they agree on the ids."""
 
     def __init__(self, folder: str, context_length: int):
         from tokenizers import Tokenizer
@@ -164,12 +168,22 @@ class TargetTokenizer:
         self.context_length = context_length
         self._tok = Tokenizer.from_file(str(ensure_tokenizer_json(folder)))
         special = _special_ids(Path(folder), self._tok)
-        self.pad_id, self.cls_id, self.sep_id = special["pad"], special["cls"], special["sep"]
         self._tok.enable_truncation(max_length=context_length)
-        self._tok.enable_padding(length=context_length, pad_id=self.pad_id, pad_token=special["pad_token"])
+        self._tok.enable_padding(length=context_length, pad_id=special["pad"], pad_token=special["pad_token"])
+        self.kept: np.ndarray | None = None  # source ids of the table's rows, in row order (None: no map)
+        self._map: np.ndarray | None = None  # source id -> row
+        vocab_map = Path(folder) / VOCAB_MAP_FILE
+        if vocab_map.is_file():
+            self.kept, self._map = read_vocab_map(vocab_map, self._tok.get_vocab_size(with_added_tokens=True))
+        self.pad_id, self.cls_id, self.sep_id = (self._row(special[k]) for k in ("pad", "cls", "sep"))
+
+    def _row(self, source_id: int) -> int:
+        return int(self._map[source_id]) if self._map is not None else int(source_id)
 
     @property
     def vocab_size(self) -> int:
+        if self.kept is not None:
+            return len(self.kept)
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def info(self) -> TokenizerInfo:
@@ -180,10 +194,69 @@ class TargetTokenizer:
         shape = (len(texts), self.context_length)
         ids = np.asarray([e.ids for e in encoded], dtype=np.int64).reshape(shape)
         mask = np.asarray([e.attention_mask for e in encoded], dtype=np.int64).reshape(shape)
+        if self._map is not None:
+            ids = self._map[ids]
         return ids, mask
 
     def count_truncated(self, texts: Sequence[str]) -> int:
         return sum(len(e.overflowing) > 0 for e in self._tok.encode_batch(list(texts)))
+
+
+# ---------------------------------------------------------------------------------------------- trimmed tables
+
+VOCAB_MAP_FILE = "vocab_map.json"
+VOCAB_MAP_FORMAT = "ccr_ray.vocab_map"
+
+
+def read_vocab_map(path: Path, source_vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept source ids in row order, source id -> row with every other id on <unk>'s row)."""
+    data = json.loads(Path(path).read_text())
+    if data.get("format") != VOCAB_MAP_FORMAT:
+        raise ValueError(f"{path}: not a ccr-ray vocabulary map (format {data.get('format')!r})")
+    if int(data["source_vocab_size"]) != source_vocab:
+        raise ValueError(f"{path}: made for a vocabulary of {data['source_vocab_size']} pieces; the tokenizer beside "
+                         f"it has {source_vocab}")
+    kept = np.asarray(data["kept"], dtype=np.int64)
+    rows = np.full(source_vocab, -1, dtype=np.int64)
+    rows[kept] = np.arange(len(kept))
+    unk = int(rows[int(data["unk_id"])])
+    if unk < 0:
+        raise ValueError(f"{path}: the unknown piece (id {data['unk_id']}) is not kept")
+    rows[rows < 0] = unk
+    return kept, rows
+
+
+def trim_tokenizer(source: str | Path, texts: Iterable[str], out: str | Path, batch: int = 4096) -> Path:
+    """A copy of the tokenizer folder `source` whose vocabulary map keeps only the pieces `texts` use, plus every
+    special and added token (pad, unk, cls, sep, mask...), in their original order. A 250k-piece multilingual
+    table then trains as the few tens of thousands of rows the data can reach (a dense table update is the
+    optimizer's largest cost); pieces outside it read as <unk>."""
+    from tokenizers import Tokenizer
+
+    source, out = Path(source), Path(out)
+    tok = Tokenizer.from_file(str(ensure_tokenizer_json(source)))
+    size = tok.get_vocab_size(with_added_tokens=True)
+    used = np.zeros(size, dtype=bool)
+    chunk: list[str] = []
+    for text in texts:
+        chunk.append(text)
+        if len(chunk) == batch:
+            used[np.fromiter((i for e in tok.encode_batch(chunk) for i in e.ids), dtype=np.int64)] = True
+            chunk = []
+    if chunk:
+        used[np.fromiter((i for e in tok.encode_batch(chunk) for i in e.ids), dtype=np.int64)] = True
+    specials = {v for v in _special_ids(source, tok).values() if isinstance(v, int)}
+    specials |= set(tok.get_added_tokens_decoder())  # [MASK], <mask>, ... : ids, not pieces of the text
+    unk = special_roles(source, tok).get("unk")
+    if unk is None:
+        raise ValueError(f"tokenizer {source}: no unknown token ([UNK] / <unk>) to map trimmed pieces to")
+    used[sorted(specials | {unk})] = True
+    copy_tokenizer_files(source, out)
+    kept = np.flatnonzero(used)
+    (out / VOCAB_MAP_FILE).write_text(json.dumps({
+        "format": VOCAB_MAP_FORMAT, "version": 1, "source_vocab_size": int(size), "unk_id": int(unk),
+        "kept": kept.tolist()}))
+    return out
 
 
 def ensure_tokenizer_json(folder: str | Path) -> Path:
@@ -206,25 +279,41 @@ def ensure_tokenizer_json(folder: str | Path) -> Path:
     return path
 
 
-def _special_ids(folder: Path, tok) -> dict:
-    """[PAD]/[CLS]/[SEP] from the folder's special_tokens_map / tokenizer_config, else BERT's names."""
-    names = {"pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]"}
+# special-token roles and the names tokenizers give them (BERT, XLM-R / RoBERTa, CLIP), after the folder's own
+ROLE_NAMES = {"pad": ("[PAD]", "<pad>"), "cls": ("[CLS]", "<s>", "<start_of_text>"),
+              "sep": ("[SEP]", "</s>", "<end_of_text>"), "unk": ("[UNK]", "<unk>")}
+
+
+def special_roles(folder: str | Path | None, tok) -> dict[str, int]:
+    """Role -> id of the special tokens a tokenizer has: the names its folder's special_tokens_map /
+    tokenizer_config give, else the usual names of each role (a role it lacks is left out)."""
+    named: dict[str, str] = {}
     for file in ("special_tokens_map.json", "tokenizer_config.json"):
-        if (folder / file).exists():
-            data = json.loads((folder / file).read_text())
-            for key in names:
-                value = data.get(key)
-                if isinstance(value, dict):
-                    value = value.get("content")
+        path = Path(folder) / file if folder else None
+        if path is not None and path.exists():
+            data = json.loads(path.read_text())
+            for role in ROLE_NAMES:
+                value = data.get(f"{role}_token")
+                value = value.get("content") if isinstance(value, dict) else value
                 if isinstance(value, str):
-                    names[key] = value
-    out = {"pad_token": names["pad_token"]}
-    for key, short in (("pad_token", "pad"), ("cls_token", "cls"), ("sep_token", "sep")):
-        token_id = tok.token_to_id(names[key])
-        if token_id is None:
-            raise ValueError(f"tokenizer {folder}: no {names[key]} token; a BERT-style tokenizer is needed")
-        out[short] = token_id
+                    named.setdefault(role, value)
+    out = {}
+    for role, names in ROLE_NAMES.items():
+        for name in ([named[role]] if role in named else []) + list(names):
+            if tok.token_to_id(name) is not None:
+                out[role] = int(tok.token_to_id(name))
+                break
     return out
+
+
+def _special_ids(folder: Path, tok) -> dict:
+    """The pad/cls/sep ids a target tokenizer needs (and the pad token's text, for padding)."""
+    roles = special_roles(folder, tok)
+    missing = [role for role in ("pad", "cls", "sep") if role not in roles]
+    if missing:
+        raise ValueError(f"tokenizer {folder}: no {'/'.join(missing)} token; a BERT- or XLM-R-style tokenizer is "
+                         "needed")
+    return {**{k: roles[k] for k in ("pad", "cls", "sep")}, "pad_token": tok.id_to_token(roles["pad"])}
 
 
 @functools.lru_cache(maxsize=8)
@@ -247,7 +336,7 @@ def english_tokenizer_folder(clip_cfg: dict | None) -> str | None:
 
 # What a tokenizer folder holds (copied into checkpoints and exports; never the weights beside them)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
-                   "merges.txt", "added_tokens.json", "sentencepiece.bpe.model", "spiece.model")
+                   "merges.txt", "added_tokens.json", "sentencepiece.bpe.model", "spiece.model", VOCAB_MAP_FILE)
 
 
 def copy_tokenizer_files(source: str | Path, target: str | Path) -> Path:

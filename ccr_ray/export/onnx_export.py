@@ -359,6 +359,8 @@ def resolve_plan(checkpoint: str, out: str | None = None, languages: list[str] |
                  opset: int = DEFAULT_OPSET, graphs: tuple[str, ...] = GRAPHS, data: str | None = None,
                  split: str | None = None) -> tuple[ExportPlan, CCRModel, ckpt.CheckpointMeta]:
     """Validate the request and load the model; every error names the path or option."""
+    out = out or str(Path(checkpoint).resolve().parent / "onnx")
+    check_out_folder(out)  # before the checkpoint loads: seconds, not a traceback after the export
     try:
         model, meta = ckpt.load_checkpoint(checkpoint)
     except ckpt.CheckpointError as err:
@@ -384,9 +386,6 @@ def resolve_plan(checkpoint: str, out: str | None = None, languages: list[str] |
         graphs = tuple(g for g in graphs if g != rt.TEXT)
     if rt.IMAGE in graphs and not model.has_images:
         graphs = tuple(g for g in graphs if g != rt.IMAGE)  # a text-only backbone
-    out = out or str(Path(checkpoint).resolve().parent / "onnx")
-    if Path(out).exists() and any(Path(out).iterdir()) and not (Path(out) / rt.MANIFEST).exists():
-        raise ExportError(f"--out: {out} exists, is not empty and is not an export folder; refusing to replace it")
     cfg = meta.experiment
     if data is None:
         candidate = STAGES[meta.stage].dataset_root(cfg)
@@ -396,6 +395,23 @@ def resolve_plan(checkpoint: str, out: str | None = None, languages: list[str] |
     plan = ExportPlan(checkpoint=str(checkpoint), out=str(out), languages=targets, opset=opset, int8=int8,
                       graphs=tuple(graphs), data=data, split=split or cfg.data.test_split)
     return plan, model, meta
+
+
+def check_out_folder(out: str) -> None:
+    """--out must be a folder this job may replace: absent, empty or an earlier export, under folders (not files)
+    it can write in."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ExportError(f"--out: {out} is a file, not a folder")
+    if path.is_dir() and any(path.iterdir()) and not (path / rt.MANIFEST).exists():
+        raise ExportError(f"--out: {out} exists, is not empty and is not an export folder; refusing to replace it")
+    parent = path.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ExportError(f"--out: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"--out: cannot write in {parent}")
 
 
 def _write_tokenizers(checkpoint: str, meta: ckpt.CheckpointMeta, folder: Path, context_length: int,
@@ -425,7 +441,7 @@ def _write_tokenizers(checkpoint: str, meta: ckpt.CheckpointMeta, folder: Path, 
         raise ExportError(f"{checkpoint}: no tokenizer/ folder in the checkpoint (and model.text.tokenizer names "
                           "none); the runtime needs the target-language tokenizer")
     target = folder / rt.TARGET_TOKENIZER_DIR
-    shutil.copytree(source, target)
+    copy_tokenizer_files(source, target)  # not the weights a model folder named as tokenizer also holds
     ensure_tokenizer_json(target)  # the runtime reads tokenizer.json with the Rust library only
     tok = TargetTokenizer(str(target), context_length)
     ids = {"pad_id": tok.pad_id, "cls_id": tok.cls_id, "sep_id": tok.sep_id}

@@ -83,6 +83,14 @@ def is_hf_config(model_cfg: dict[str, Any]) -> bool:
     return bool(model_cfg.get("text_cfg", {}).get("hf_model_name"))
 
 
+def text_width(model_cfg: dict[str, Any]) -> int:
+    """The text tower's width (its token vectors' size) from a resolved model config."""
+    text = model_cfg.get("text_cfg", {})
+    if HF_CONFIG in text:
+        return int(text[HF_CONFIG]["hidden_size"])
+    return int(text.get("width", 512))
+
+
 def has_image_config(model_cfg: dict[str, Any]) -> bool:
     """Whether the model config builds an image tower (a text-only backbone has none)."""
     return bool(model_cfg.get("vision_cfg"))
@@ -385,6 +393,7 @@ class TextTower:
         pool(x, ids, mask)              the sentence vector [B, width] (mask: 1 = real token)
         finish(x, ids, mask)            after the last block: final norm, pool, projection -> [B, D]
         encode_english(ids)             the untouched English path from the tower's own token ids
+        word_embeddings()               the English vocabulary's input rows [V_en, width] (vocabulary transfer)
         after_load()                    tensors adapters may initialise from (text_projection [width, D])
     """
 
@@ -415,6 +424,9 @@ class TextTower:
         raise NotImplementedError
 
     def encode_english(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def word_embeddings(self) -> torch.Tensor:
         raise NotImplementedError
 
     def after_load(self) -> dict[str, torch.Tensor]:
@@ -476,6 +488,9 @@ class CLIPTextTower(TextTower):
         x = self.run_blocks(x, 0, self.num_layers, self.attention(ids, None))
         eot = ids.to(torch.float32).argmax(dim=-1)  # float argmax: first maximum, export-safe
         return _project(clip, gather_positions(clip.ln_final(x), eot))
+
+    def word_embeddings(self) -> torch.Tensor:
+        return self.clip.token_embedding.weight
 
     def after_load(self) -> dict[str, torch.Tensor]:
         return {"text_projection": self.clip.text_projection.detach()}
@@ -545,6 +560,9 @@ class HFTextTower(TextTower):
         x = self.encoder.embeddings(input_ids=ids)
         x = self.run_blocks(x, 0, self.num_layers, self.attention(ids, mask))
         return self.finish(x, ids, mask)
+
+    def word_embeddings(self) -> torch.Tensor:
+        return self.encoder.embeddings.word_embeddings.weight
 
     def after_load(self) -> dict[str, torch.Tensor]:
         proj = self.clip.text.proj

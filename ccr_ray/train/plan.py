@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ccr_ray import checkpoint as ckpt
+from ccr_ray.config import EMBEDDINGS_TRANSFER as TRANSFER
 from ccr_ray.config import ExperimentConfig
 from ccr_ray.data import schema
 from ccr_ray.features import CacheError
@@ -188,8 +189,13 @@ def plan_stage(cfg: ExperimentConfig, config_source: str | None = None) -> Stage
     if stage.needs_images and not backbone.has_image_config(clip_cfg):
         raise StageError(f"stage {stage.name!r} needs images, and the backbone ({cfg.model.backbone.name}) is text-only "
                          "(no image tower); text-only backbones run the text stages")
-    if cfg.model.text.embeddings_init and not Location.of(cfg.path(cfg.model.text.embeddings_init)).is_dir():
-        raise StageError(f"model.text.embeddings_init: no such folder {cfg.path(cfg.model.text.embeddings_init)}")
+    init = cfg.model.text.embeddings_init
+    if init == TRANSFER and cfg.model.text.embed_dim != backbone.text_width(clip_cfg):
+        raise StageError(f"model.text.embed_dim: embeddings_init=transfer puts E in the text tower's input space; set "
+                         f"it to the tower's width, {backbone.text_width(clip_cfg)}")
+    if init and init != TRANSFER and not Location.of(cfg.path(init)).is_dir():
+        raise StageError(f"model.text.embeddings_init: no such folder {cfg.path(init)} (a Hugging Face model "
+                         "folder, 'transfer', or empty for a random table)")
     context = cfg.model.text.context_length or int(clip_cfg["text_cfg"].get("context_length", 77))
     try:
         feature_cache = plan_feature_cache(cfg, stage, parent, dataset_root, clip_cfg, preprocess, context)
@@ -217,4 +223,39 @@ def _tokenizer_dir(cfg: ExperimentConfig, stage: Stage, parent: str | None, root
         folder = Location.of(cfg.path(cfg.model.text.tokenizer))
     if not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.txt")):
         raise StageError(f"model.text.tokenizer: {folder} is not a tokenizer folder (no tokenizer.json / vocab.txt)")
+    if cfg.model.text.trim_vocab:
+        return _trimmed_tokenizer(cfg, folder, root).uri
     return folder.uri
+
+
+def _trimmed_tokenizer(cfg: ExperimentConfig, folder: Location, root: str) -> Location:
+    """model.text.trim_vocab: the tokenizer with a vocabulary map keeping the pieces the dataset's training and
+    validation captions in the target languages use (tokenization.trim_tokenizer). Made once per tokenizer,
+    dataset and languages, beside the experiment's runs, where every node reads it."""
+    import tempfile
+    from pathlib import Path
+
+    from ccr_ray.storage import localize, publish_folder
+    from ccr_ray.tokenization import VOCAB_MAP_FILE, trim_tokenizer
+
+    splits = [cfg.data.train_split, cfg.data.val_split]
+    languages = sorted(cfg.model.languages)
+    tokenizer = localize(folder)
+    identity = {"tokenizer": folder.uri, "tokenizer_json": hashlib.sha256(
+        (Path(tokenizer) / "tokenizer.json").read_bytes()).hexdigest() if (Path(tokenizer) / "tokenizer.json").is_file()
+        else None, "dataset": root, "splits": splits, "languages": languages,
+        "shards": [(name, size) for name, size in Location.of(root).walk_files() if name.endswith(".parquet")]}
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    target = Location.of(cfg.runs_root) / cfg.run.experiment / "tokenizers" / f"trimmed-{digest}"
+    if (target / VOCAB_MAP_FILE).is_file():
+        return target
+    tables = [schema.read_split_table(root, split, languages, with_images=False) for split in splits]
+    texts = (caption for table in tables for lang in languages if schema.captions_column(lang) in table.column_names
+             for captions in table.column(schema.captions_column(lang)).to_pylist() for caption in captions or ())
+    with tempfile.TemporaryDirectory(prefix="ccr-trim-") as tmp:
+        trim_tokenizer(tokenizer, texts, Path(tmp) / "tokenizer")
+        kept = len(json.loads((Path(tmp) / "tokenizer" / VOCAB_MAP_FILE).read_text())["kept"])
+        publish_folder(Path(tmp) / "tokenizer", target, marker=VOCAB_MAP_FILE)
+    log.info("model.text.trim_vocab: %d pieces of the tokenizer's vocabulary occur in %s (%s, %s) or are special; "
+             "the table keeps those rows (%s)", kept, root, "/".join(splits), ",".join(languages), target)
+    return target

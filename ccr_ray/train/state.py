@@ -7,6 +7,7 @@ state and hand it to the same loop.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from ccr_ray import checkpoint as ckpt
+from ccr_ray.config import EMBEDDINGS_TRANSFER as TRANSFER
 from ccr_ray.config import ExperimentConfig
 from ccr_ray.data.transforms import ImageTransform
 from ccr_ray.eval.retrieval import evaluate_table, mean_mr
@@ -31,6 +33,8 @@ from ccr_ray.tokenization import TokenizerInfo
 from ccr_ray.train.adversarial import Adversary
 
 MAX_LOGIT_SCALE = math.log(100.0)  # open_clip clamps the learned scale at 100
+TABLE_PARAM = "embedding.token_embedding."  # the token table E's parameter names (optim.table_lr)
+log = logging.getLogger(__name__)
 
 
 def normalize_pixels(batch: dict[str, torch.Tensor], transform: ImageTransform) -> dict[str, torch.Tensor]:
@@ -86,7 +90,8 @@ def build_stage_model(cfg: ExperimentConfig, stage: Stage, tokenizer_dir: str, p
         clip_cfg = backbone.backbone_model_config(cfg.model.backbone.name, cfg.path(cfg.model.backbone.hf_model))
     if not context:
         context = int(clip_cfg["text_cfg"].get("context_length", 77))
-    tokens = target_tokenizer(tokenizer_dir, context).info()
+    tokenizer = target_tokenizer(tokenizer_dir, context)
+    tokens = tokenizer.info()
     model = build_model(cfg.model, tokens, clip_cfg=clip_cfg)
     if parent:
         ckpt.load_weights_into(model, parent, stage.inherit)
@@ -94,14 +99,58 @@ def build_stage_model(cfg: ExperimentConfig, stage: Stage, tokenizer_dir: str, p
         backbone.load_backbone_weights(model.clip, localize(cfg.path(cfg.model.backbone.pretrained)))
     if not parent or stage.inherit == "backbone":
         model.adapters.after_backbone_loaded(model.text_tower)
-    if cfg.model.text.embeddings_init and (not parent or stage.inherit == "backbone"):
-        table = load_mbert_embeddings(localize(cfg.path(cfg.model.text.embeddings_init)))
+    init = cfg.model.text.embeddings_init
+    if init and (not parent or stage.inherit == "backbone"):
+        if init == TRANSFER:
+            table = transferred_table(model, tokenizer, clip_cfg, cfg.train.seed)
+            with torch.no_grad():  # E lives in the tower's input space: W_e starts as the identity
+                model.embedding.proj.weight.copy_(torch.eye(model.width))
+                model.embedding.proj.bias.zero_()
+        else:
+            table = table_rows(load_mbert_embeddings(localize(cfg.path(init))), tokenizer)
         if tuple(table.shape) != tuple(model.embedding.token_embedding.weight.shape):
             raise ValueError(f"model.text.embeddings_init: table {tuple(table.shape)} does not match tokenizer "
                              f"vocabulary x embed_dim {tuple(model.embedding.token_embedding.weight.shape)}")
         with torch.no_grad():
             model.embedding.token_embedding.weight.copy_(table)
     return model, ModelArtifacts(clip_cfg, tokens, backbone.preprocess_config(model.clip), tokenizer_dir)
+
+
+def table_rows(table: torch.Tensor, tokenizer) -> torch.Tensor:
+    """A pretrained table's rows for the tokenizer's ids: the kept pieces of a trimmed vocabulary, in order; else
+    the first vocab_size rows (XLM-R's table has rows past the tokenizer's 250,002 pieces)."""
+    if tokenizer.kept is not None:
+        if int(tokenizer.kept.max()) >= table.shape[0]:
+            raise ValueError(f"model.text.embeddings_init: table has {table.shape[0]} rows; the tokenizer's vocabulary "
+                             f"map keeps piece {int(tokenizer.kept.max())}")
+        return table[torch.as_tensor(tokenizer.kept)]
+    return table[:tokenizer.vocab_size] if table.shape[0] > tokenizer.vocab_size else table
+
+
+def transferred_table(model: CCRModel, tokenizer, clip_cfg: dict, seed: int) -> torch.Tensor:
+    """Vocabulary transfer (models/vocab_transfer.py) from the English tower's own word embeddings and tokenizer."""
+    from tokenizers import Tokenizer
+
+    from ccr_ray.models.vocab_transfer import transfer_table
+    from ccr_ray.tokenization import (
+        build_clip_bpe,
+        english_tokenizer_folder,
+        ensure_tokenizer_json,
+        special_roles,
+    )
+
+    english_folder = english_tokenizer_folder(clip_cfg)
+    english = Tokenizer.from_file(str(ensure_tokenizer_json(english_folder))) if english_folder else build_clip_bpe()
+    target = Tokenizer.from_file(str(ensure_tokenizer_json(tokenizer.folder)))
+    source_ids = (tokenizer.kept.tolist() if tokenizer.kept is not None
+                  else list(range(tokenizer.vocab_size)))
+    target_roles = special_roles(tokenizer.folder, target)
+    english_roles = special_roles(english_folder, english)
+    roles = {role: (target_roles.get(role), english_roles.get(role)) for role in target_roles}
+    table, counts = transfer_table(target, english, model.text_tower.word_embeddings(), source_ids, roles, seed)
+    log.info("model.text.embeddings_init=transfer: %d rows shared with the English vocabulary, %d composed of its "
+             "pieces, %d random", counts["shared"], counts["composed"], counts["random"])
+    return table
 
 
 @dataclass
@@ -137,7 +186,7 @@ class TrainState:
         torch.manual_seed(cfg.train.seed)
         model, artifacts = build_stage_model(cfg, stage, tokenizer_dir, parent)
         model.to(device)
-        trainable = model.set_trainable(stage.trains)
+        trainable = model.set_trainable(stage.trained_groups(cfg))
         adversary = None
         golds = [LOSSES[name].adversarial_gold for name, w in cfg.loss.weights.items() if w]
         gold = next((g for g in golds if g), None)
@@ -149,7 +198,9 @@ class TrainState:
                     adversary.load_weights(aux)
             if adversary.in_main_optimizer:
                 trainable = trainable + adversary.named_parameters()
-        optim = Optimization(trainable, cfg.optim, t_total=cfg.train.max_steps)
+        table_lr = cfg.optim.table_lr or None  # the token table's own learning rate, if set
+        optim = Optimization(trainable, cfg.optim, t_total=cfg.train.max_steps,
+                             lr_of=lambda name: table_lr if name.startswith(TABLE_PARAM) else None)
         ctx = LossContext(rank=rank, world_size=world_size, scale=cfg.loss.scale, adversary=adversary)
         return cls(cfg, stage, model, artifacts, optim, device, resolve_precision(cfg.train.precision, device), ctx,
                    adversary=adversary)
