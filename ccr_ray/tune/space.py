@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ccr_ray.config import ConfigError
+from ccr_ray.config import ConfigError, check_key
 
 KINDS = {"uniform": 2, "loguniform": 2, "quniform": 3, "randint": 2, "choice": None, "grid": None}
 DROP = "fixed"  # `--space key=fixed`: drop a default key
@@ -159,15 +159,31 @@ def resolve_space(defaults: Mapping[str, str], file: str | None = None, items: l
 
 
 def validate_space(space: Mapping[str, Domain], resolve) -> None:
-    """`resolve(trial_values)` builds and validates one trial's config (`resolve_config(..., trial=...)`).
-    Each key's extremes are checked with the other keys at their first extreme."""
+    """`resolve(trial_values)` builds and validates one trial's config (`resolve_config(..., trial=...)`). The
+    config without trial values first (its errors are the config's or `--set`'s, raised as they are), then every
+    key by name, then each key's extremes on their own (an error is that key's), then with the other keys at their
+    first extreme (an error of the combination)."""
+    resolve({})
+    for key in space:
+        try:
+            check_key(key)
+        except ConfigError as err:
+            raise SpaceError(f"--space {err}") from None
+    for key, domain in space.items():
+        for value in domain.extremes():
+            _check_value(resolve, {key: value}, key, domain, value)
     base = {k: d.extremes()[0] for k, d in space.items()}
     for key, domain in space.items():
         for value in domain.extremes():
-            try:
-                resolve({**base, key: value})
-            except ConfigError as err:
-                raise SpaceError(f"--space {key}={domain}: the value {value!r} gives an invalid config: {err}") from None
+            _check_value(resolve, {**base, key: value}, key, domain, value)
+
+
+def _check_value(resolve, values: dict, key: str, domain: Domain, value) -> None:
+    try:
+        resolve(values)
+    except ConfigError as err:
+        others = "" if len(values) == 1 else f" (with {', '.join(f'{k}={v!r}' for k, v in values.items() if k != key)})"
+        raise SpaceError(f"--space {key}={domain}: the value {value!r}{others} gives an invalid config: {err}") from None
 
 
 def count_trials(space: Mapping[str, Domain], num_samples: int) -> int:

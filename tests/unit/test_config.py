@@ -40,13 +40,33 @@ def test_round_trip_through_dict():
     (["data.task_cpus=2"], "data.task_cpus"),
 ])
 def test_bad_values_fail_naming_the_field(override, field):
-    with pytest.raises(ConfigError, match=f"^{field.replace('.', '[.]')}"):
+    with pytest.raises(ConfigError, match=f"^(--set )?{field.replace('.', '[.]')}"):
         resolve_config("nlt", "demo", override)
 
 
+@pytest.mark.parametrize("key, message", [
+    ("model.mla.hiddn", "--set model.mla.hiddn: unknown field (did you mean model.mla.hidden?)"),
+    ("modle.mla.hidden", "--set modle.mla.hidden: unknown field (did you mean model.mla.hidden?)"),
+    ("lr", "--set lr: unknown field (did you mean optim.lr?)"),
+    ("optim.lr.x", "--set optim.lr.x: optim.lr is a value, not a section"),
+    ("xyz", "--set xyz: unknown field (known: data, loss, model, optim, run, scaling, stage, train)"),
+])
+def test_an_unknown_set_key_is_named_with_the_closest_key(key, message):
+    with pytest.raises(ConfigError) as err:
+        resolve_config("nlt", "demo", [f"{key}=16"])
+    assert str(err.value) == message
+
+
+def test_an_unknown_key_in_a_config_file_names_the_closest_field(tmp_path):
+    file = tmp_path / "c.json"
+    file.write_text(json.dumps({"train": {"max_step": 5}}))
+    with pytest.raises(ConfigError, match=r"^train\.max_step: unknown field \(did you mean train\.max_steps\?\)$"):
+        resolve_config("nlt", str(file))
+
+
 def test_overrides_parse_json_and_strings():
-    assert parse_overrides(["a.b=1", "a.c=true", "d=hello", "e=[1, 2]"]) == {
-        "a": {"b": 1, "c": True}, "d": "hello", "e": [1, 2]}
+    assert parse_overrides(["optim.lr=1", "run.verbose=true", "run.experiment=hello", "optim.betas=[1, 2]"]) == {
+        "optim": {"lr": 1, "betas": [1, 2]}, "run": {"verbose": True, "experiment": "hello"}}
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["novalue"])
 

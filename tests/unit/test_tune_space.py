@@ -65,6 +65,25 @@ def test_a_space_that_can_give_an_invalid_config_is_refused_naming_the_key(item,
     assert key in str(err.value)
 
 
+@pytest.mark.parametrize("args, message", [
+    # the user's own key is named, not the stage's default entry evaluated first
+    (["--space", "model.mla.hiddn=choice(16,64)"],
+     "error: --space model.mla.hiddn: unknown field (did you mean model.mla.hidden?)"),
+    (["--space", "modle.mla.hidden=choice(16,64)"],
+     "error: --space modle.mla.hidden: unknown field (did you mean model.mla.hidden?)"),
+    (["--set", "model.mla.hiddn=16"], "error: --set model.mla.hiddn: unknown field (did you mean model.mla.hidden?)"),
+    (["--set", "optim.lr=-1"], "error: optim.lr: must be > 0"),  # the config's error, not a space entry's
+    (["--space", "loss.weights.consistency_l1=uniform(0.1,0.5)"],
+     "error: --space loss.weights.consistency_l1=uniform(0.1, 0.5): the value 0.1 gives an invalid config: "
+     "loss.weights: ['consistency_l1'] are not losses of stage 'nlt' (its losses: distill_mse)"),
+])
+def test_a_bad_key_is_blamed_on_itself_beside_the_default_space(args, message, capsys):
+    import tune
+
+    assert tune.main(["--stage", "nlt", *args, "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip() == message
+
+
 def test_the_job_refuses_a_bad_space_before_ray_starts(capsys):
     import tune
 
