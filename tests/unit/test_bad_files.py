@@ -55,3 +55,16 @@ def test_an_empty_search_query_is_refused_before_anything_loads(query, capsys, t
                                     "--lang", "de", "ein roter Kreis", query]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: QUERY 2: empty or whitespace-only query"
+
+
+@pytest.mark.parametrize("where", ["file", "under a file"])
+def test_export_out_that_is_a_file_is_one_line_naming_out(where, capsys, tmp_path):
+    from tests.export.conftest import load_cli
+
+    file = tmp_path / "model.onnx"
+    file.write_text("not a folder")
+    out = file if where == "file" else file / "sub"
+    # checked before the checkpoint loads (this one does not exist): the error is about --out, in a second
+    assert load_cli("to_onnx").main([str(tmp_path / "checkpoint"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --out: {file} is a file, not a folder", err
