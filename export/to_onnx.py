@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=0.9999)
     parser.add_argument("--graphs", default="image,text_en,text")
     args = parser.parse_args(argv)
+    if not 0 < args.threshold <= 1:
+        return fail(f"--threshold: {args.threshold} must be a cosine in (0, 1]")
+    langs = [lang.strip() for lang in args.langs.split(",") if lang.strip()] if args.langs is not None else None
+    if args.langs is not None and not langs:
+        return fail(f"--langs: {args.langs!r} names no language")
     quiet_ray_env()
 
     from ccr_ray.export.onnx_export import (
@@ -52,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     try:
-        plan, model, meta = resolve_plan(args.checkpoint, args.out, args.langs.split(",") if args.langs else None,
+        plan, model, meta = resolve_plan(args.checkpoint, args.out, langs,
                                          int8=args.int8, opset=args.opset, data=args.data, split=args.split,
                                          graphs=tuple(g for g in args.graphs.split(",") if g))
     except ExportError as err:

@@ -361,14 +361,19 @@ def resolve_plan(checkpoint: str, out: str | None = None, languages: list[str] |
     """Validate the request and load the model; every error names the path or option."""
     out = out or str(Path(checkpoint).resolve().parent / "onnx")
     check_out_folder(out)  # before the checkpoint loads: seconds, not a traceback after the export
+    if opset < MIN_OPSET:
+        raise ExportError(f"--opset: {opset} is below {MIN_OPSET}, the lowest the torch.onnx dynamo exporter "
+                          "writes")
+    import onnx
+
+    if opset > onnx.defs.onnx_opset_version():
+        raise ExportError(f"--opset: {opset} is above {onnx.defs.onnx_opset_version()}, the highest the installed "
+                          f"onnx {onnx.__version__} knows")
     try:
         model, meta = ckpt.load_checkpoint(checkpoint)
     except ckpt.CheckpointError as err:
         raise ExportError(str(err)) from None
     model.eval()
-    if opset < MIN_OPSET:
-        raise ExportError(f"--opset: {opset} is below {MIN_OPSET}, the lowest the torch.onnx dynamo exporter "
-                          "writes")
     unknown_graphs = [g for g in graphs if g not in GRAPHS]
     if unknown_graphs:
         raise ExportError(f"--graphs: unknown {unknown_graphs} (known: {', '.join(GRAPHS)})")
@@ -392,6 +397,16 @@ def resolve_plan(checkpoint: str, out: str | None = None, languages: list[str] |
         data = candidate if candidate and os.path.isdir(candidate) else None
     elif not os.path.isdir(data):
         raise ExportError(f"--data: no dataset folder {data}")
+    else:  # asked for by name: used, or refused (the probes fall back to rendered scenes only by default)
+        from ccr_ray.data import schema
+
+        try:
+            manifest = schema.load_manifest(data)
+        except schema.DatasetError as err:
+            raise ExportError(f"--data: {err}") from None
+        if (split or cfg.data.test_split) not in manifest.splits:
+            raise ExportError(f"--split: {data} has no split {split or cfg.data.test_split!r} (it has "
+                              f"{', '.join(manifest.splits)})")
     plan = ExportPlan(checkpoint=str(checkpoint), out=str(out), languages=targets, opset=opset, int8=int8,
                       graphs=tuple(graphs), data=data, split=split or cfg.data.test_split)
     return plan, model, meta

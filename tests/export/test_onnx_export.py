@@ -150,3 +150,21 @@ def test_bad_input_is_named(mla_ckpt, tmp_path, capsys):
     assert "--data" in capsys.readouterr().err
     assert cli.main([mla_ckpt, "--graphs", "image,audio", "--out", str(tmp_path / "x")]) == 2
     assert "audio" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--opset", "99"], "--opset: 99 is above"),  # was a traceback from onnx's checker after the export
+    (["--threshold", "5"], "--threshold: 5.0 must be a cosine in (0, 1]"),  # was exit 1 after a full export
+    (["--langs", ","], "--langs: ',' names no language"),
+    (["--data", "{model_folder}"], "--data: "),  # a folder that is no dataset: was silently replaced by renders
+    (["--data", "{micro_data}", "--split", "dev"], "--split: "),  # a split the data lacks: the same
+])
+def test_bad_export_options_fail_in_one_line_before_exporting(args, message, mla_ckpt, micro_data, tmp_path,
+                                                               capsys):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    args = [a.format(model_folder=folder, micro_data=micro_data) for a in args]
+    assert load_cli("to_onnx").main([mla_ckpt, "--out", str(tmp_path / "x"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message}") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()
