@@ -29,14 +29,15 @@ class BertShape:
 class UnigramVocab:
     """A SentencePiece-unigram vocabulary: pieces with their log-probabilities, the special tokens' ids by role
     (bos, eos, pad, unk, mask), and the text normalisation the model was tokenised with: per-character
-    `replacements` (applied first), then Unicode NFKC when `nfkc`, then runs of spaces collapsed to one when
-    `collapse_spaces`."""
+    `replacements` (applied first), then Unicode NFKC when `nfkc` except on the characters in `nfkc_kept`
+    (which the source leaves as they are), then runs of spaces collapsed to one when `collapse_spaces`."""
 
     pieces: list[str]
     scores: list[float]
     specials: dict[str, int]
     replacements: dict[str, str] = field(default_factory=dict)
     nfkc: bool = True
+    nfkc_kept: frozenset[str] = frozenset()
     collapse_spaces: bool = True
 
 

@@ -27,6 +27,7 @@ from ccr_ray.importers.encoder import BertShape, ImportedEncoder, UnigramVocab
 from ccr_ray.storage import staged_folder
 
 METASPACE = "\u2581"  # SentencePiece's word-boundary marker
+PLACEHOLDERS = 0xF0000  # Supplementary Private Use Area-A: stands in for characters NFKC must not change
 WEIGHTS_FILE = "model.safetensors"
 IMPORT_RECORD = "ccr_ray_import.json"
 POOLING_MODES = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token"}
@@ -88,7 +89,8 @@ def _char_class(chars: list[str]) -> str:
 
 def build_normalizer(vocab: UnigramVocab):
     """The vocabulary's normalisation as tokenizers normalisers: one regex Replace per replacement text (the
-    characters mapped to it), NFKC, then runs of 2+ spaces to one."""
+    characters mapped to it), NFKC, then runs of 2+ spaces to one. A character NFKC must leave alone is swapped
+    for a private-use placeholder (plane 15, which NFKC keeps and captions do not use) around the NFKC step."""
     from tokenizers import Regex, normalizers
 
     by_output: dict[str, list[str]] = {}
@@ -99,7 +101,12 @@ def build_normalizer(vocab: UnigramVocab):
         raise ValueError(f"the normalisation map replaces {chained[:3]}, which it also produces")
     steps = [normalizers.Replace(Regex(_char_class(chars)), out) for out, chars in sorted(by_output.items())]
     if vocab.nfkc:
-        steps.append(normalizers.NFKC())
+        nfkc = normalizers.NFKC()
+        kept = sorted(c for c in vocab.nfkc_kept if nfkc.normalize_str(c) != c)  # only what this NFKC changes
+        placeholders = [chr(PLACEHOLDERS + i) for i in range(len(kept))]
+        steps += [normalizers.Replace(c, p) for c, p in zip(kept, placeholders)]
+        steps.append(nfkc)
+        steps += [normalizers.Replace(p, c) for c, p in zip(kept, placeholders)]
     if vocab.collapse_spaces:
         steps.append(normalizers.Replace(Regex(" {2,}"), " "))
     return normalizers.Sequence(steps)

