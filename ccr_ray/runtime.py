@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ccr_ray.data.transforms import ImageTransform, open_image
-from ccr_ray.tokenization import EnglishTokenizer, HFEnglishTokenizer, TargetTokenizer
+from ccr_ray.tokenization import EnglishTokenizer, HFEnglishTokenizer, TargetTokenizer, clean_english
 
 FORMAT = "ccr_ray.onnx"
 FORMAT_VERSION = 1
@@ -178,6 +179,41 @@ class Encoder:
     def check_language(self, lang: str) -> None:
         if lang not in self.languages:
             raise KeyError(f"language {lang!r} is not in this model; it has {', '.join(self.languages)}")
+
+    def caption_problem(self, text: str, lang: str) -> str | None:
+        """Why `text` is no caption for the `lang` text tower, or None when it is one. A caption must be valid
+        Unicode and give the tower something to read: at least one character that is not whitespace, a control or
+        a format character (Unicode categories Z* and C*: NUL, U+200B, U+FEFF, ...), and at least one token besides
+        the tokenizer's special ones once the tokenizer has normalised it (M-BERT's drops control and zero-width
+        characters; CLIP's cleaning unescapes HTML, so "&nbsp;" is empty). Anything else would be encoded as
+        [CLS][SEP] or a few byte tokens and answered with arbitrary images. The service and export/search.py
+        both refuse captions through this."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return "not valid Unicode (a lone surrogate code point)"
+        if not any(unicodedata.category(c)[0] not in "CZ" for c in text):
+            return "empty (only whitespace, control or zero-width characters)"
+        if not self._content_tokens(text, lang):
+            return f"empty once the {lang} tokenizer has normalised it (no token but its special ones)"
+        return None
+
+    def _content_tokens(self, text: str, lang: str) -> int:
+        """Tokens of `text` besides special ones (CLS/SEP, SOT/EOT, padding, and those typed literally, such as
+        "[SEP]"; an unknown piece counts), after the language's normalisation."""
+        self.check_language(lang)
+        if lang == "en":
+            english = self._english_tokenizer()
+            if isinstance(english, HFEnglishTokenizer):
+                tok = english._target._tok
+            else:
+                tok, text = english._tok, clean_english(text)
+        else:
+            tok = self._target_tokenizer()._tok
+        special = {i for i, added in tok.get_added_tokens_decoder().items()
+                   if added.special and added.content not in ("[UNK]", "<unk>")}
+        encoding = tok.encode(text, add_special_tokens=False)
+        return sum(1 for i, real in zip(encoding.ids, encoding.attention_mask) if real and i not in special)
 
     def text_inputs(self, texts: Sequence[str], lang: str, trim: bool = True) -> dict[str, np.ndarray]:
         """The graph's feeds for a batch of captions (tokenized exactly as in training and evaluation)."""

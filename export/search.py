@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.k < 1:
         return fail("--k must be >= 1")
     blank = [n for n, query in enumerate(args.queries, 1) if not query.strip()]
-    if blank:  # an empty caption encodes to a meaningless vector: refuse it rather than answer it
+    if blank:  # before anything loads; the model's tokenizer has the last word below
         return fail(f"QUERY {blank[0]}: empty or whitespace-only query")
 
     from ccr_ray.inference.embeddings import EmbedError
@@ -47,9 +47,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         encoder = Encoder(args.model, precision="int8" if args.int8 else "fp32")
-        index = ImageIndex.load(args.index or args.embeddings)
         if args.lang not in encoder.languages:
             return fail(f"--lang: the model has no {args.lang!r} (it has {', '.join(encoder.languages)})")
+        for n, query in enumerate(args.queries, 1):
+            # a caption with nothing to read encodes to a meaningless vector: refuse it rather than answer it
+            problem = encoder.caption_problem(query, args.lang)
+            if problem:
+                return fail(f"QUERY {n}: {problem}")
+        index = ImageIndex.load(args.index or args.embeddings)
         results = search(encoder, index, list(args.queries), args.lang, args.k)
     except (EmbedError, ModelFolderError, SearchIndexError) as err:
         return fail(str(err))

@@ -171,3 +171,30 @@ def test_a_truncated_onnx_graph_names_the_file(mla_export, tmp_path):
     encoder = Encoder(folder)
     with pytest.raises(ModelFolderError, match="text_encoder.onnx: cannot load the text graph"):
         encoder.encode_text(["ein roter Kreis"], "de")
+
+
+@pytest.mark.parametrize("text, lang, problem", [
+    ("\x00\x00", "en", "empty (only whitespace"),  # CLIP's byte-level BPE would read two byte tokens
+    ("\u200b\ufeff", "de", "empty (only whitespace"),
+    ("\x07 \x1b", "zh", "empty (only whitespace"),
+    ("&nbsp;", "en", "empty once the en tokenizer"),  # CLIP's cleaning unescapes it to a space
+    ("[SEP] [PAD]", "de", "empty once the de tokenizer"),  # special tokens typed in: nothing else
+    ("ein Kreis \ud800", "de", "not valid Unicode"),  # a lone surrogate (JSON "\ud800", argv bytes)
+    ("ein roter Kreis", "de", None),
+    ("a\x00circle", "en", None),  # something to read beside the control character
+    ("!", "en", None),
+])
+def test_caption_problem_asks_the_languages_tokenizer(text, lang, problem, mla_export):
+    found = rt.Encoder(mla_export).caption_problem(text, lang)
+    assert (found is None) if problem is None else (found or "").startswith(problem), found
+
+
+@pytest.mark.parametrize("query", ["\x00\x00", "\u200b", "[SEP]"])
+def test_search_refuses_a_query_with_nothing_to_read(query, mla_export, tmp_path, capsys):
+    from tests.export.conftest import load_cli
+
+    # captions are checked before the index loads (this one does not exist): the error is about the query
+    code = load_cli("search").main(["--model", mla_export, "--index", str(tmp_path / "none"), "--lang", "de",
+                                    "ein roter Kreis", query])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: QUERY 2: empty") and len(err.splitlines()) == 1, err
