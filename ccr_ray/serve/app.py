@@ -28,6 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ccr_ray import __version__
 from ccr_ray.serve.page import image_url, render_page
@@ -65,6 +66,23 @@ async def _invalid(request: Request, err: RequestValidationError) -> JSONRespons
         return _error(400, "body", f"malformed JSON ({reason})")
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
     return _error(422, ".".join(loc) or "body", first.get("msg", "invalid"))
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's and Starlette's own refusals in the service's shape: an unknown path, a wrong method, a body that
+    is not UTF-8 JSON or is nested too deeply to parse ("There was an error parsing the body")."""
+    if err.status_code == 404:
+        field, message = "path", f"{request.url.path!r} is not an endpoint of this service (see /docs)"
+    elif err.status_code == 405:
+        field, message = "method", f"{request.method} is not allowed on {request.url.path}"
+    elif err.status_code == 400 and "parsing the body" in str(err.detail):
+        field, message = "body", "malformed JSON (not UTF-8, or nested too deeply)"
+    else:
+        field, message = "request", str(err.detail)
+    response = _error(err.status_code, field, message)
+    response.headers.update(err.headers or {})
+    return response
 
 
 class BodyLimit:
@@ -220,8 +238,8 @@ class Retrieval:
         return [image_url(root, i) if store is not None and i in store else None for i in ids]
 
     async def _search(self, text, lang, k) -> dict:
-        text = self.service.check_text(text)
         lang = self.service.check_lang(lang)
+        text = self.service.check_text(text, lang=lang)
         k = self.service.check_k(k)
         return {"query": text, "lang": lang, "k": k, **await self._search_batch((text, lang, k))}
 
@@ -242,8 +260,8 @@ class Retrieval:
 
     @api.post("/encode/text", response_model=EncodeResponse, summary="Caption embeddings (L2-normalised)")
     async def encode_text(self, body: EncodeTextRequest) -> dict:
-        texts = self.service.check_texts(body.texts)
         lang = self.service.check_lang(body.lang)
+        texts = self.service.check_texts(body.texts, lang=lang)
         vectors = await asyncio.gather(*(self._text_batch((t, lang)) for t in texts))
         return {"embeddings": [v.tolist() for v in vectors], "dim": self.service.encoder.embed_dim,
                 "model": self.service.index.fingerprint}
@@ -277,6 +295,7 @@ class Retrieval:
     async def page(self, request: Request, q: str | None = None, lang: str = "en", k: str = "12") -> HTMLResponse:
         service, root = self.service, _root(request)
         names = service.language_names
+        asked = lang
         if lang not in names:
             lang = service.languages[0]
         shown_k = int(k) if k.isdigit() else 12
@@ -284,6 +303,7 @@ class Retrieval:
             return HTMLResponse(render_page(languages=names, lang=lang, k=shown_k, root=root,
                                             about=service.describe()))
         try:
+            service.check_lang(asked)  # a query is never searched in a language it was not asked in
             if not k.isdigit():
                 raise BadRequest("k", f"{k!r} is not a whole number")
             result = await self._search(q, lang, int(k))

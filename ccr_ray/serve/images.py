@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -34,18 +35,26 @@ class ImageInputError(ValueError):
 
 def decode_upload(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
     """Encoded image bytes -> an RGB PIL image. The size is read from the header first, so an image over the
-    pixel limit is refused before it is decoded (PIL's own bomb check allows ~179 MP)."""
+    pixel limit is refused (413) before it is decoded. Pillow's own decompression-bomb check runs inside
+    `Image.open`, before ours can: it raises DecompressionBombError over twice Image.MAX_IMAGE_PIXELS (~179 MP) and
+    warns over it (~89 MP); `Limits` keeps max_pixels within Pillow's bound, so an image it flags is over the
+    service's limit too and gets the same 413."""
     if not data:
         raise ImageInputError("empty upload: send the image bytes as the request body or as the form field 'image'")
     if len(data) > max_bytes:
         raise ImageInputError(f"{len(data):,} bytes; the limit is {max_bytes:,}", status=413)
     try:
         image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:  # the warning: under -W error
+        declared = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{int(declared.group(1)):,} pixels" if declared else "more pixels than Pillow decodes"
+        raise ImageInputError(f"{size} in its header; the limit is {max_pixels:,}", status=413) from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise ImageInputError(f"not an image PIL can read ({type(err).__name__})") from None
     width, height = image.size
     if width * height > max_pixels:
-        raise ImageInputError(f"{width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}")
+        raise ImageInputError(f"{width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}",
+                              status=413)
     try:
         image.load()
         return image.convert("RGB")

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
+from PIL import Image
 
 from ccr_ray import runtime as rt
 from ccr_ray.inference.index import Index
@@ -49,6 +50,10 @@ class Limits:
         for key, value in values.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"limits.{key}: {value!r} must be an integer >= 1")
+        bound = Image.MAX_IMAGE_PIXELS
+        if bound and values.get("max_pixels", 0) > bound:
+            raise ValueError(f"limits.max_pixels: {values['max_pixels']:,} is over Pillow's decompression-bomb bound "
+                             f"({bound:,} pixels: PIL.Image.MAX_IMAGE_PIXELS)")
         return cls(**values)
 
     def to_dict(self) -> dict:
@@ -99,7 +104,9 @@ class RetrievalService:
             self.encoder.encode_image([Image.new("RGB", (8, 8))])
 
     # ------------------------------------------------------------------------------------------ checks
-    def check_text(self, text, field: str = "text") -> str:
+    def check_text(self, text, field: str = "text", lang: str | None = None) -> str:
+        """The caption stripped of outer whitespace; with `lang` (a language of the model), also refused when the
+        language's tokenizer finds nothing in it to read (control or zero-width characters only, ...)."""
         if not isinstance(text, str):
             raise BadRequest(field, f"must be a string, got {type(text).__name__}")
         stripped = text.strip()
@@ -107,6 +114,9 @@ class RetrievalService:
             raise BadRequest(field, "empty or whitespace-only")
         if len(stripped) > self.limits.max_text_chars:
             raise BadRequest(field, f"{len(stripped):,} characters; the limit is {self.limits.max_text_chars:,}")
+        problem = self.encoder.caption_problem(stripped, lang) if lang in self.languages else None
+        if problem:
+            raise BadRequest(field, problem)
         return stripped
 
     def check_lang(self, lang, field: str = "lang") -> str:
@@ -119,12 +129,12 @@ class RetrievalService:
             raise BadRequest(field, f"{k!r} is out of range: 1 <= k <= {self.limits.max_k}")
         return k
 
-    def check_texts(self, texts, field: str = "texts") -> list[str]:
+    def check_texts(self, texts, field: str = "texts", lang: str | None = None) -> list[str]:
         if not isinstance(texts, list) or not texts:
             raise BadRequest(field, "must be a non-empty list of captions")
         if len(texts) > self.limits.max_texts:
             raise BadRequest(field, f"{len(texts)} captions; the limit is {self.limits.max_texts}")
-        return [self.check_text(t, f"{field}[{i}]") for i, t in enumerate(texts)]
+        return [self.check_text(t, f"{field}[{i}]", lang) for i, t in enumerate(texts)]
 
     def decode_image(self, data: bytes, field: str = "image"):
         try:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import threading
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -132,6 +134,17 @@ def big_png() -> bytes:  # 400 x 400 = 160,000 pixels > max_pixels, but small as
     return png((400, 400), (10, 10, 10))
 
 
+def bomb_png(width: int = 30_000, height: int = 30_000) -> bytes:
+    """A 70-byte PNG whose header declares width x height pixels (900 M: Pillow's own decompression-bomb check
+    refuses it inside Image.open, before the service's max_pixels check)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+            + chunk(b"IEND", b""))
+
+
 BAD = {
     # name: (method, path, kwargs, expected status, field)
     "empty text": ("post", "/search", {"json": {"text": "", "lang": "de"}}, 422, "text"),
@@ -155,7 +168,26 @@ BAD = {
     "corrupt image": ("post", "/search/image", {"data": png()[:60]}, 422, "image"),
     "empty upload": ("post", "/encode/image", {"data": b""}, 422, "image"),
     "multipart without the image field": ("post", "/encode/image", {"files": {"img": ("a.png", png())}}, 422, "image"),
-    "image over the pixel limit": ("post", "/search/image", {"data": big_png()}, 422, "image"),
+    "image over the pixel limit": ("post", "/search/image", {"data": big_png()}, 413, "image"),
+    "header declaring 30,000 x 30,000 pixels": ("post", "/search/image", {"data": bomb_png()}, 413, "image"),
+    "bomb header on /encode/image": ("post", "/encode/image", {"files": {"image": ("b.png", bomb_png())}}, 413,
+                                     "image"),
+    # text with nothing for the tokenizer to read is refused like whitespace (it was answered with arbitrary images)
+    "control characters only": ("post", "/search", {"json": {"text": "\x00\x00", "lang": "en"}}, 422, "text"),
+    "zero-width characters only": ("post", "/search", {"json": {"text": "\u200b\ufeff", "lang": "de"}}, 422, "text"),
+    "empty once CLIP's cleaning ran": ("post", "/search", {"json": {"text": "&nbsp;", "lang": "en"}}, 422, "text"),
+    "special tokens only": ("post", "/search", {"json": {"text": "[SEP] [PAD]", "lang": "de"}}, 422, "text"),
+    "lone surrogate": ("post", "/search", {"data": b'{"text": "ein Kreis \\ud800", "lang": "de"}',
+                                           "headers": {"content-type": "application/json"}}, 422, "text"),
+    "control characters in a list": ("post", "/encode/text", {"json": {"texts": ["a", "\x07"], "lang": "zh"}}, 422,
+                                     "texts[1]"),
+    # FastAPI's own refusals, in the service's shape
+    "body not UTF-8": ("post", "/search", {"data": b'{"text": "\xff\xfe", "lang": "de"}',
+                                           "headers": {"content-type": "application/json"}}, 400, "body"),
+    "JSON nested too deeply": ("post", "/search", {"data": b"[" * 2000 + b"]" * 2000,
+                                                   "headers": {"content-type": "application/json"}}, 400, "body"),
+    "unknown path": ("get", "/serach", {}, 404, "path"),
+    "wrong method": ("put", "/search", {"json": {"text": "ein Kreis", "lang": "de"}}, 405, "method"),
     "upload over the byte limit": ("post", "/encode/image", {"data": b"\x89PNG" + b"\0" * 250_000}, 413, "image"),
     "image search k over the cap": ("post", "/search/image?k=500", {"data": png()}, 422, "k"),
     "image search k not a number": ("post", "/search/image?k=many", {"data": png()}, 422, "k"),
@@ -174,6 +206,25 @@ def test_bad_input_gets_a_4xx_naming_the_field_and_the_service_keeps_serving(ser
     assert body["field"] == field and body["detail"].startswith(f"{field}: "), body
     assert before.status_code == after.status_code == 200
     assert before.json() == after.json()
+
+
+PAGE_BAD = {
+    # name: (query string, status, field named in the page's error)
+    "control characters only": ({"q": "\x00\x00", "lang": "de"}, 422, "text"),
+    "unknown language with a query": ({"q": "ein Kreis", "lang": "xx"}, 422, "lang"),  # was searched as English
+    "k not a number": ({"q": "ein Kreis", "lang": "de", "k": "many"}, 422, "k"),
+    "k zero": ({"q": "ein Kreis", "lang": "de", "k": "0"}, 422, "k"),
+    "k huge": ({"q": "ein Kreis", "lang": "de", "k": "9" * 30}, 422, "k"),
+}
+
+
+@pytest.mark.parametrize("case", list(PAGE_BAD))
+def test_bad_page_queries_show_the_error_and_the_service_keeps_serving(service, case):
+    params, status, field = PAGE_BAD[case]
+    response = requests.get(service["url"] + "/", params=params, timeout=30)
+    assert response.status_code == status, (case, response.status_code)
+    assert f'role="alert">{field}: ' in response.text
+    assert requests.get(service["url"] + "/", params={"q": "ein Kreis", "lang": "de"}, timeout=30).status_code == 200
 
 
 # ------------------------------------------------------------------------------------------ config, faults
