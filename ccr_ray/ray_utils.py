@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,16 +49,83 @@ def _route_ray_logger() -> None:
     logger.setLevel(logging.INFO)
 
 
-def ensure_ray(log_to_driver: bool = True) -> bool:
-    """Connect to the cluster in RAY_ADDRESS (set inside `ray job submit`) or the one this process already joined,
-    else start a local one. True when this call started Ray (the caller may then shut it down)."""
+class RayUnavailable(ConnectionError):
+    """RAY_ADDRESS names a cluster nobody answers at; the message is one line saying what to do."""
+
+
+PROBE_TIMEOUT_S = 5.0  # a live GCS accepts a connection at once; only a filtered address waits this long
+
+
+def _answers(address: str) -> bool:
+    """Whether something accepts TCP connections at a Ray address (host:port, or ray://host:port)."""
+    import socket
+
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        return True  # not a form we can probe: let Ray judge it
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def cluster_address() -> str | None:
+    """Where `ensure_ray` will run: None to attach the way Ray would on its own (RAY_ADDRESS, else the live
+    cluster `ray start` left in Ray's temp dir), "local" to start a local Ray. Raises RayUnavailable, within
+    seconds, when RAY_ADDRESS names a cluster that does not answer.
+
+    The rule, for every job: attach when told (RAY_ADDRESS) or to a live local cluster (Ray's convention: the
+    address `ray start` wrote to {RAY_TMPDIR or /tmp}/ray/ray_current_cluster); start a local Ray otherwise. A
+    cluster that died without `ray stop` leaves its address in that file, and a plain `ray.init()` would try to
+    reach it for ever ("Failed to connect to GCS at address ..."): a dead address from the file gets a warning and
+    a fresh local Ray; a dead RAY_ADDRESS is an error (the user asked for that cluster)."""
+    from ray._common.utils import get_ray_address_file
+    from ray._private.utils import read_ray_address
+
+    told = os.environ.get("RAY_ADDRESS", "").strip()
+    if told == "local":
+        return "local"
+    if told and told != "auto":
+        if not _answers(told):
+            raise RayUnavailable(f"RAY_ADDRESS={told}: no Ray cluster answers there (start it, or unset RAY_ADDRESS "
+                                 "to run on a new local Ray)")
+        return None
+    left = read_ray_address()
+    if not left:
+        return "local"
+    if _answers(left):
+        return None
+    print(f"warning: the Ray cluster {get_ray_address_file(None)} names ({left}) is not running (stopped without "
+          "`ray stop`?); starting a local Ray for this job. `ray start --head` starts a cluster jobs attach to, "
+          "RAY_ADDRESS picks one.", file=sys.stderr, flush=True)
+    return "local"
+
+
+_UNRESOLVED = "?"
+
+
+def ensure_ray(log_to_driver: bool = True, address: str | None = _UNRESOLVED) -> bool:
+    """Connect to the cluster in RAY_ADDRESS (set inside `ray job submit`), a live local `ray start` cluster, or
+    the one this process already joined, else start a local one (`cluster_address` has the rule; a caller that
+    asked it already passes its answer as `address`). True when this call initialised Ray (the caller may then
+    shut it down). Raises RayUnavailable for a dead RAY_ADDRESS."""
     import ray
 
     if ray.is_initialized():
         return False
-    ray.init(log_to_driver=log_to_driver)
+    ray.init(address=cluster_address() if address == _UNRESOLVED else address, log_to_driver=log_to_driver)
     _route_ray_logger()
     return True
+
+
+def owns_local_ray() -> bool:
+    """Whether this process started the Ray it is connected to (its shutdown stops the whole cluster), rather
+    than attaching to one."""
+    from ray._private import worker
+
+    node = getattr(worker, "_global_node", None)
+    return node is not None and node.is_head()
 
 
 def quiet_worker_console() -> None:

@@ -13,7 +13,8 @@ Usage:
     --concurrency    actors; each loads the ONNX sessions once and runs onnxruntime with
                      max(1, cpus-per-actor) threads
 
-The job connects to the cluster in RAY_ADDRESS (ray job submit sets it), else starts a local Ray.
+The job connects to the cluster in RAY_ADDRESS (ray job submit sets it), else to a live `ray start` cluster on this
+machine, else starts a local Ray (README, "Which Ray a job runs on").
 Evaluate the output with export/evaluate_embeddings.py, query it with export/search.py.
 """
 

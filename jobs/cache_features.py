@@ -66,9 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     from ccr_ray.features.build import ensure_feature_cache
-    from ccr_ray.ray_utils import ensure_ray
+    from ccr_ray.ray_utils import RayUnavailable, ensure_ray
 
-    ensure_ray()
+    try:
+        ensure_ray()
+    except RayUnavailable as err:
+        return fail(str(err))
     info, action = ensure_feature_cache(cache, cfg.data, use_gpu=cfg.scaling.use_gpu, force=args.rebuild,
                                         report=print)
     print(f"[{cfg.stage}] {action}: {info.folder} ({info.rows} images, {', '.join(info.features)}, "

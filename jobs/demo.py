@@ -81,9 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     timings = {"data": time.perf_counter() - started}
 
     # 2. stages, one Ray session
+    from ccr_ray.ray_utils import RayUnavailable
+
     try:
         run = run_recipe(recipe, configs, config_source="demo", fresh=args.fresh)
-    except StageError as err:
+    except (StageError, RayUnavailable) as err:
         return fail(str(err))
     timings.update(run.timings)
 

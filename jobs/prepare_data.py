@@ -34,7 +34,7 @@ Common options:
 Writes DIR/<split>/part-*.parquet, DIR/rejects/part-00000.parquet (every unusable record with its source file,
 key, reason), DIR/prepare_report.json (counts per split and language, rejects by reason, truncation) and, only
 when the run succeeds, DIR/dataset.json. Inputs and config are checked before any Ray work. The job joins the
-cluster in RAY_ADDRESS, else starts a local Ray. Exit codes: 0 ok, 2 bad arguments or inputs, 3 too many bad
+cluster in RAY_ADDRESS, else a live `ray start` cluster here, else starts a local Ray. Exit codes: 0 ok, 2 bad arguments or inputs, 3 too many bad
 records (rejects and report are still written, the manifest is not).
 """
 
@@ -179,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     from ccr_ray.data import ingest
 
     shards = plan_shards(parsed.records, list(spec.languages), args.shard_size)
-    started = ray_utils.ensure_ray()
+    try:
+        started = ray_utils.ensure_ray()
+    except ray_utils.RayUnavailable as err:
+        return fail(str(err))
     try:
         t0 = time.perf_counter()
         summary = ingest.run_shards(shards, spec, args.task_cpus)

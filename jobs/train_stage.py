@@ -13,7 +13,8 @@ Usage:
 
 On a cluster:  ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
                    python jobs/train_stage.py --stage le
-The job connects to the cluster in RAY_ADDRESS (ray job submit sets it), else starts a local Ray.
+The job connects to the cluster in RAY_ADDRESS (ray job submit sets it), else to a live `ray start` cluster on this
+machine, else starts a local Ray (README, "Which Ray a job runs on").
 The stage's output checkpoint goes to {run.home}/runs/{run.experiment}/{stage}/checkpoint.
 """
 
@@ -63,12 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     print(plan.summary(), flush=True)
     if args.dry_run:
         return 0
-    from ccr_ray.ray_utils import quiet_logs
+    from ccr_ray.ray_utils import RayUnavailable, quiet_logs
 
     quiet_logs(local_log_file(cfg), verbose=cfg.run.verbose)
     try:
         result = run_stage(plan, fresh=args.fresh)
-    except StageError as err:
+    except (StageError, RayUnavailable) as err:
         return fail(str(err))
     metrics = {k: round(v, 2) for k, v in result.metrics.items() if k.startswith("val/")}
     print(f"[{cfg.stage}] output checkpoint: {result.checkpoint}")

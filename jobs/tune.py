@@ -88,12 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         print("(concurrency for this machine; on a cluster it follows the cluster's resources)")
         return 0
 
-    from ccr_ray.ray_utils import ensure_ray, quiet_logs
+    from ccr_ray.ray_utils import RayUnavailable, ensure_ray, quiet_logs
     from ccr_ray.tune.sweep import run_sweep
 
     # Ray's own logs in a file; the console keeps Tune's trial table and our summary
     quiet_logs(spec.base_config().home / "logs" / f"sweep-{spec.name}.log")
-    ensure_ray()
+    try:
+        ensure_ray()
+    except RayUnavailable as err:
+        return fail(str(err))
     import ray
 
     print(describe(spec, ray.cluster_resources()), flush=True)

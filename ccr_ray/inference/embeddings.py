@@ -35,7 +35,7 @@ import pyarrow as pa
 from ccr_ray import runtime as rt
 from ccr_ray.data import schema
 from ccr_ray.data.transforms import open_image
-from ccr_ray.ray_utils import ensure_ray, read_parquet_blocks
+from ccr_ray.ray_utils import RayUnavailable, ensure_ray, read_parquet_blocks
 from ccr_ray.storage import swap_in
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def embed_dataset(model_dir: str, data: str, out: str, split: str = "test", lang
                   progress: bool = True) -> dict:
     """Embed every image and caption of `data`'s `split` with an actor pool; returns the sidecar dict.
 
-    Connects to the Ray cluster in RAY_ADDRESS or starts a local one unless Ray is already initialised."""
+    Joins or starts Ray as every job does (ray_utils.ensure_ray) unless it is already initialised."""
     try:
         manifest = rt.load_manifest(model_dir)
         files = schema.split_files(data, split)
@@ -163,13 +163,18 @@ def embed_dataset(model_dir: str, data: str, out: str, split: str = "test", lang
     if concurrency < 1 or cpus_per_actor <= 0 or batch_size < 1:
         raise EmbedError("--concurrency and --batch-size must be >= 1 and --cpus-per-actor > 0")
     out_path = Path(out)
+    if out_path.exists() and not out_path.is_dir():
+        raise EmbedError(f"--out: {out} is a file, not a folder")
     if out_path.exists() and any(out_path.iterdir()) and not (out_path / SIDECAR).exists():
         raise EmbedError(f"--out: {out} exists, is not empty and holds no {SIDECAR}; refusing to replace it")
 
     import ray
     import ray.data
 
-    ensure_ray(log_to_driver=False)
+    try:
+        ensure_ray(log_to_driver=False)
+    except RayUnavailable as err:
+        raise EmbedError(str(err)) from None
     started = time.perf_counter()
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = progress
@@ -228,14 +233,16 @@ def embed_split_local(model_dir: str, data: str, out: str | os.PathLike, split: 
 
 def ray_image_batches(files: Sequence[str], batch_rows: int = 65536) -> Iterator[pa.Table]:
     """The image rows (id, kind, embedding) of embeddings files, read and filtered in Ray Data tasks and
-    streamed to the caller batch by batch, each row once (export/build_index.py --engine ray). Connects to the
-    cluster in RAY_ADDRESS or starts a local one unless Ray is already initialised."""
+    streamed to the caller batch by batch, each row once (export/build_index.py --engine ray). Joins or starts Ray
+    as every job does (ray_utils.ensure_ray) unless it is already initialised."""
     import ray
     import ray.data
     from ray.data.expressions import col
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+    try:
+        ensure_ray(log_to_driver=False)
+    except RayUnavailable as err:
+        raise EmbedError(str(err)) from None
     ds = ray.data.read_parquet(list(files), columns=[ID, KIND, EMBEDDING])
     for table in ds.filter(expr=col(KIND) == IMAGE_KIND).iter_batches(batch_size=batch_rows, batch_format="pyarrow"):
         if table.num_rows:

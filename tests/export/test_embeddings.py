@@ -168,3 +168,11 @@ def test_search_finds_the_demo_image_in_each_language(tmp_path):
         assert sum(right) >= 0.5 * len(right), f"{lang}: {sum(right)}/{len(right)} queries found their image"
         print(f"[{lang}] {sum(right)}/{len(right)} captions find their own image first; "
               f"e.g. {queries[right.index(True)]!r} -> {ids[right.index(True)]}")
+
+
+def test_embed_out_that_is_a_file_is_one_line(mla_export, micro_data, tmp_path, capsys):
+    file = tmp_path / "embeddings"
+    file.write_text("not a folder")
+    assert load_cli("embed").main(["--model", mla_export, "--data", micro_data, "--out", str(file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --out: {file} is a file, not a folder", err  # was a NotADirectoryError traceback

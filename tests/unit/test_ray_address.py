@@ -1,0 +1,87 @@
+"""Which Ray a job runs on (ray_utils.cluster_address, the one rule every job and export/serve.py follow), checked
+without starting Ray: RAY_ADDRESS is attached to when something answers there and refused in one line, within
+seconds, when nothing does; the address a `ray start` left in Ray's temp dir is attached to only while it is alive,
+and a dead one (the cluster was killed without `ray stop`) gets a warning and a local Ray instead of "Failed to
+connect to GCS" for ever. Every case has a private Ray temp dir (RAY_TMPDIR): the address file of another developer's
+cluster is never read."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from ccr_ray.ray_utils import RayUnavailable, cluster_address
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def ray_dir(tmp_path, monkeypatch):
+    """Ray's temp dir for this test ({RAY_TMPDIR}/ray, where `ray start` writes ray_current_cluster)."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    folder = tmp_path / "ray"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture()
+def live():
+    """Something listening on loopback, standing in for a live GCS (the probe only connects)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        yield f"127.0.0.1:{server.getsockname()[1]}"
+
+
+def test_no_address_anywhere_starts_a_local_ray(ray_dir, capsys):
+    assert cluster_address() == "local"
+    assert capsys.readouterr().err == ""
+
+
+def test_a_dead_address_left_by_ray_start_gets_a_warning_and_a_local_ray(ray_dir, capsys):
+    from ray._private.services import get_ray_address_from_environment
+
+    dead = f"127.0.0.1:{free_port()}"
+    (ray_dir / "ray_current_cluster").write_text(dead)
+    assert get_ray_address_from_environment(None, None) == dead  # where a plain ray.init() would go, and hang
+    started = time.monotonic()
+    assert cluster_address() == "local"
+    assert time.monotonic() - started < 10
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("warning: ")
+    assert f"({dead}) is not running" in err and "starting a local Ray" in err
+    assert str(ray_dir / "ray_current_cluster") in err
+    assert (ray_dir / "ray_current_cluster").read_text() == dead  # left as it is: not ours to delete
+
+
+def test_a_live_address_left_by_ray_start_is_attached_to(ray_dir, live, capsys):
+    (ray_dir / "ray_current_cluster").write_text(live)
+    assert cluster_address() is None  # ray.init() then attaches the way Ray does (token auth included)
+    assert capsys.readouterr().err == ""
+
+
+def test_ray_address_is_attached_to_when_it_answers(ray_dir, live, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", live)
+    assert cluster_address() is None
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    assert cluster_address() == "local"
+
+
+@pytest.mark.parametrize("form", ["{host}:{port}", "ray://{host}:{port}"])
+def test_a_dead_ray_address_is_one_line_within_seconds(form, ray_dir, monkeypatch):
+    address = form.format(host="127.0.0.1", port=free_port())
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    (ray_dir / "ray_current_cluster").write_text(address)
+    started = time.monotonic()
+    with pytest.raises(RayUnavailable) as err:
+        cluster_address()
+    assert time.monotonic() - started < 10
+    assert str(err.value) == (f"RAY_ADDRESS={address}: no Ray cluster answers there (start it, or unset "
+                              "RAY_ADDRESS to run on a new local Ray)")
