@@ -110,11 +110,16 @@ def serve_port():
     import ray
     from ray import serve
 
+    from ccr_ray.serve.ray_env import apply_serve_env
+
     if ray.is_initialized():
         ray.shutdown()
+    # Serve's controller and proxy inherit the environment the local Ray starts with: the proxy gets the time it
+    # needs to start on a busy machine, as under export/serve.py (ccr_ray/serve/ray_env.py)
+    serve_env = apply_serve_env()
     temp = tempfile.mkdtemp(prefix="ccrsrv-", dir="/tmp")  # short: Ray's socket paths have a length limit
     ray.init(address="local", num_cpus=2, _temp_dir=temp, log_to_driver=False, include_dashboard=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **serve_env}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:

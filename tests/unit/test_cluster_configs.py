@@ -376,6 +376,50 @@ def rayservice() -> dict:
     return copy.deepcopy(next(doc for doc in KUBERAY_DOCS if doc["kind"] == "RayService"))
 
 
+def check_serve_env(config: dict, where: str, doc: dict | None = None) -> None:
+    """Serve's start-up settings (ccr_ray/serve/ray_env.py) in every application's runtime_env and, for KubeRay,
+    in the environment of every Ray container (where Serve's controller and proxies read them)."""
+    from ccr_ray.serve.ray_env import SERVE_ENV
+
+    for application in config["applications"]:
+        env_vars = (application.get("runtime_env") or {}).get("env_vars") or {}
+        for key, value in SERVE_ENV.items():
+            assert env_vars.get(key) == value, f"{where}: {application['name']} runtime_env lacks {key}={value}"
+    if doc is None:
+        return
+    cluster = doc["spec"]["rayClusterConfig"]
+    groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster["workerGroupSpecs"]]
+    for name, group in groups:
+        container = group["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in container.get("env") or []}
+        for key, value in SERVE_ENV.items():
+            assert env.get(key) == value, f"{where}: {name} container env lacks {key}={value}"
+
+
+def test_serve_configs_carry_the_serve_start_up_settings():
+    check_serve_env(load(SERVE_CONFIG), str(SERVE_CONFIG))
+    doc = rayservice()
+    check_serve_env(yaml.safe_load(doc["spec"]["serveConfigV2"]), "rayservice serveConfigV2", doc)
+
+
+@pytest.mark.parametrize("where", ["serve_config", "rayservice app", "rayservice worker"])
+def test_rejects_a_serve_config_without_the_start_up_settings(where):
+    config, doc = load(SERVE_CONFIG), rayservice()
+    if where == "serve_config":
+        del config["applications"][0]["runtime_env"]["env_vars"]["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"]
+        with pytest.raises(AssertionError, match="RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"):
+            check_serve_env(config, "broken")
+        return
+    served = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    if where == "rayservice app":
+        served["applications"][0]["runtime_env"]["env_vars"]["RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"] = "10"
+    else:
+        container = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+        container["env"] = [e for e in container["env"] if not e["name"].startswith("RAY_SERVE_")]
+    with pytest.raises(AssertionError, match="RAY_SERVE_PROXY"):
+        check_serve_env(served, "broken", doc)
+
+
 def test_serve_config_is_valid_and_binds_loopback():
     check_serve_config(load(SERVE_CONFIG), str(SERVE_CONFIG), loopback=True)
 
