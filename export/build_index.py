@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--min-recall: {min_recall} is not in (0, 1]")
     if bool(args.embeddings) == bool(args.model or args.data) or bool(args.model) != bool(args.data):
         return fail("give EMBEDDINGS, or --model and --data (to embed a dataset split first)")
+    try:
+        ix.Index.check_out_folder(args.out)  # before embedding and building, which can take hours
+    except ix.SearchIndexError as err:
+        return fail(str(err))
     if args.model:
         from ccr_ray.inference.embeddings import embed_dataset
 

@@ -166,12 +166,20 @@ class Index:
             raise EmbedError(f"image embeddings have {self.dim} dims, the model {encoder.embed_dim}")
 
     # -------------------------------------------------------------------------------------------- files
-    def save(self, folder: str | os.PathLike) -> Path:
-        """Write the index folder (into a temporary sibling, swapped in at the end)."""
+    @staticmethod
+    def check_out_folder(folder: str | os.PathLike) -> None:
+        """A folder `save` may write: absent, empty or an earlier index (build_index.py checks before it builds)."""
         out = Path(folder)
+        if out.exists() and not out.is_dir():
+            raise SearchIndexError(f"--out: {out} is a file, not a folder")
         if out.exists() and any(out.iterdir()) and not (out / META_FILE).exists():
             raise SearchIndexError(f"--out: {out} exists, is not empty and is not an index folder; refusing to "
                                    "replace it")
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write the index folder (into a temporary sibling, swapped in at the end)."""
+        out = Path(folder)
+        self.check_out_folder(out)
         import pyarrow.parquet as pq
 
         from ccr_ray.storage import staged_folder

@@ -181,6 +181,8 @@ def prepare(spec: SweepSpec) -> SweepSpec:
         raise SweepError(f"--scheduler: {spec.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
     if spec.num_samples < 1:
         raise SweepError("--num-samples: must be >= 1")
+    if spec.max_concurrent < 0:
+        raise SweepError(f"--max-concurrent: {spec.max_concurrent} must be >= 0 (0: as many as the cluster fits)")
     cfg = spec.base_config()
     validations = math.ceil(cfg.train.max_steps / (cfg.train.eval_every or cfg.train.max_steps))
     plan_stage(cfg, spec.config_source)  # the stage can start at all (parent checkpoint, data, tokenizer)

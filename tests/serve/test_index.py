@@ -131,6 +131,16 @@ def test_build_cli_writes_the_index_or_refuses_it(vectors, tmp_path, capsys):
     assert (tmp_path / "occupied" / "keep.txt").exists()
 
 
+def test_build_cli_refuses_an_out_that_is_a_file_before_building(vectors, tmp_path, capsys):
+    ids, matrix, queries = vectors
+    embeddings = write_embeddings(tmp_path / "emb", ids, matrix, captions=queries)
+    (tmp_path / "index").write_text("a file")
+    assert load_cli("build_index").main([str(embeddings), "--out", str(tmp_path / "index"), "--kind", "hnsw"]) == 2
+    out = capsys.readouterr()
+    # was a NotADirectoryError traceback, after the build
+    assert out.err.strip() == f"error: --out: {tmp_path / 'index'} is a file, not a folder" and "indexing" not in out.out
+
+
 # ------------------------------------------------------------------------------------------------ the model
 
 

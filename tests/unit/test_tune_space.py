@@ -73,6 +73,7 @@ def test_a_space_that_can_give_an_invalid_config_is_refused_naming_the_key(item,
      "error: --space modle.mla.hidden: unknown field (did you mean model.mla.hidden?)"),
     (["--set", "model.mla.hiddn=16"], "error: --set model.mla.hiddn: unknown field (did you mean model.mla.hidden?)"),
     (["--set", "optim.lr=-1"], "error: optim.lr: must be > 0"),  # the config's error, not a space entry's
+    (["--max-concurrent", "-1"], "error: --max-concurrent: -1 must be >= 0 (0: as many as the cluster fits)"),
     (["--space", "loss.weights.consistency_l1=uniform(0.1,0.5)"],
      "error: --space loss.weights.consistency_l1=uniform(0.1, 0.5): the value 0.1 gives an invalid config: "
      "loss.weights: ['consistency_l1'] are not losses of stage 'nlt' (its losses: distill_mse)"),
