@@ -58,8 +58,9 @@ def wait_for(condition, timeout: float, every: float = 0.2) -> bool:
 class Server:
     """export/serve.py in its own session, with a private Ray temp dir; output in a log file."""
 
-    def __init__(self, model: dict, extra: tuple[str, ...] = (), stale_address: str | None = None):
-        self.port = free_port()
+    def __init__(self, model: dict, extra: tuple[str, ...] = (), stale_address: str | None = None,
+                 prefix: str = ""):
+        self.port, self.prefix = free_port(), prefix
         self.temp = tempfile.mkdtemp(prefix="ccrcli-", dir="/tmp")  # short: Ray's socket paths have a length limit
         if stale_address:  # what `ray start` leaves behind when its cluster dies without `ray stop`
             (Path(self.temp) / "ray").mkdir()
@@ -79,14 +80,14 @@ class Server:
 
     def healthy(self) -> bool:
         try:
-            return requests.get(f"http://127.0.0.1:{self.port}/healthz", timeout=5).status_code == 200
+            return requests.get(f"http://127.0.0.1:{self.port}{self.prefix}/healthz", timeout=5).status_code == 200
         except requests.RequestException:
             return False
 
     def wait_serving(self, timeout: float = START_S) -> float:
         started = time.monotonic()
         # it says so once it has seen its own /healthz answer: wait for the line, then check the endpoint
-        serving = f"serving ccr-ray on http://127.0.0.1:{self.port}/"
+        serving = f"serving ccr-ray on http://127.0.0.1:{self.port}{self.prefix}/"
         assert wait_for(lambda: self.proc.poll() is not None or serving in self.output, timeout, every=0.5), \
             f"not serving after {timeout} s:\n{self.output[-3000:]}"
         assert self.proc.poll() is None, f"exited {self.proc.returncode}:\n{self.output[-3000:]}"
@@ -128,9 +129,10 @@ def assert_stopped_cleanly(server: Server, code: int | None, seconds: float) -> 
 def test_sigterm_stops_the_service_cleanly_and_a_stale_cluster_address_does_not_hang_it(demo_model):
     """SIGTERM (systemd, Docker, Kubernetes) stops it in seconds, exit 0, no Ray process left. It starts beside a
     `ray_current_cluster` file naming a dead cluster (a `ray start` that died without `ray stop`): a warning and a
-    fresh local Ray, not "Failed to connect to GCS" forever."""
+    fresh local Ray, not "Failed to connect to GCS" forever. `--route-prefix /api/` means /api (Serve refused the
+    trailing slash after Ray had started)."""
     dead = f"127.0.0.1:{free_port()}"
-    server = Server(demo_model, stale_address=dead)
+    server = Server(demo_model, ("--route-prefix", "/api/"), stale_address=dead, prefix="/api")
     try:
         up = server.wait_serving()
         assert f"({dead}) is not running" in server.output and "starting a local Ray" in server.output
