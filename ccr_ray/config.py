@@ -63,6 +63,10 @@ class TextConfig:
     # keep only the rows of pieces the prepared training/val captions use (plus the specials): a 250k-piece table
     # trains as the tens of thousands the data reaches; unseen pieces read as <unk> (the tokenizer's vocab_map.json)
     trim_vocab: bool = False
+    # W_e, b_e at the start: "random" (the seeds'), or "align": least squares from the table's rows of the pieces
+    # the English vocabulary also has onto the tower's own rows of them, so a pretrained table from another model
+    # enters the tower where its English pieces would (its other languages' rows, near their translations, follow)
+    projection_init: Literal["random", "align"] = "random"
     freeze_table: bool = False  # E stays as initialised (a pretrained table); W_e and the adapters still train
     freeze_projection: bool = False  # W_e, b_e stay as initialised
     # std of E's random init (0.02: BERT's). A random table read by a frozen tower must carry more token signal

@@ -73,6 +73,25 @@ def _lowercases(normalizer) -> bool:
     return any(_lowercases(n) for n in normalizer.get("normalizers", []) or [])
 
 
+def english_matches(target, english, source_ids: list[int], roles: dict[str, tuple[int, int]]) -> list[int | None]:
+    """Per target piece (in table order): the id of the same piece in the English vocabulary (same text and role
+    in the word, the English tokenizer's casing; specials by role), or None."""
+    tgt_style, en_style = PieceStyle.of(target), PieceStyle.of(english)
+    en_vocab = english.get_vocab()
+    en_unk = roles.get("unk", (None, None))[1]
+    special = {t: e for t, e in roles.values() if t is not None and e is not None}
+    out: list[int | None] = []
+    for source_id in source_ids:
+        if source_id in special:
+            out.append(special[source_id])
+            continue
+        text, starts_word = tgt_style.surface(target.id_to_token(source_id) or "")
+        match = next((en_vocab[c] for c in en_style.candidates(text, starts_word) if c in en_vocab), None) if text \
+            else None
+        out.append(match if match != en_unk else None)
+    return out
+
+
 def transfer_table(target, english, english_rows: torch.Tensor, source_ids: list[int],
                    roles: dict[str, tuple[int, int]], seed: int = 0) -> tuple[torch.Tensor, dict[str, int]]:
     """Rows for the target pieces `source_ids` (in table order) from `english_rows` [V_en, width].
@@ -80,29 +99,41 @@ def transfer_table(target, english, english_rows: torch.Tensor, source_ids: list
     target, english   `tokenizers.Tokenizer`s (the new vocabulary's, the tower's own)
     roles             special-token role -> (target id, English id): cls, sep, pad, unk
     Returns the table [len(source_ids), width] and how many rows were shared / composed / random."""
-    tgt_style, en_style = PieceStyle.of(target), PieceStyle.of(english)
-    en_vocab = english.get_vocab()
+    tgt_style = PieceStyle.of(target)
     en_unk = roles.get("unk", (None, None))[1]
-    special_rows = {t: e for t, e in roles.values() if t is not None and e is not None}
     rows = english_rows.detach().float()
     generator = torch.Generator().manual_seed(seed)
     std = float(rows.std())
     out = torch.empty(len(source_ids), rows.shape[1])
     counts = {SHARED: 0, COMPOSED: 0, RANDOM: 0}
-    for row, source_id in enumerate(source_ids):
-        if source_id in special_rows:
-            out[row], kind = rows[special_rows[source_id]], SHARED
+    for row, (source_id, match) in enumerate(zip(source_ids, english_matches(target, english, source_ids, roles))):
+        if match is not None:
+            out[row], kind = rows[match], SHARED
         else:
-            piece = target.id_to_token(source_id) or ""
-            text, starts_word = tgt_style.surface(piece)
-            shared = next((en_vocab[c] for c in en_style.candidates(text, starts_word) if c in en_vocab), None)
-            if shared is not None and shared != en_unk:
-                out[row], kind = rows[shared], SHARED
+            text, _ = tgt_style.surface(target.id_to_token(source_id) or "")
+            pieces = [i for i in english.encode(text, add_special_tokens=False).ids if i != en_unk] if text else []
+            if pieces:
+                out[row], kind = rows[pieces].mean(dim=0), COMPOSED
             else:
-                pieces = [i for i in english.encode(text, add_special_tokens=False).ids if i != en_unk] if text else []
-                if pieces:
-                    out[row], kind = rows[pieces].mean(dim=0), COMPOSED
-                else:
-                    out[row], kind = torch.randn(rows.shape[1], generator=generator) * std, RANDOM
+                out[row], kind = torch.randn(rows.shape[1], generator=generator) * std, RANDOM
         counts[kind] += 1
     return out, counts
+
+
+def fit_projection(table: torch.Tensor, english_rows: torch.Tensor, matches: list[int | None], ridge: float = 1e-3
+                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """W_e, b_e (as nn.Linear holds them: [width, dim], [width]) mapping a pretrained table's rows onto the English
+    tower's input rows of the same pieces: ridge least squares over the pieces both vocabularies have. A table
+    from another model (multilingual-e5-small's, M-BERT's) then enters the tower where its English pieces would,
+    and its other languages' rows, near their translations in the table, follow."""
+    pairs = [(row, match) for row, match in enumerate(matches) if match is not None]
+    if len(pairs) < table.shape[1]:
+        raise ValueError(f"only {len(pairs)} pieces are shared with the English vocabulary; a {table.shape[1]}-wide "
+                         "projection needs at least as many to be fitted")
+    x = table.detach().float()[[r for r, _ in pairs]]
+    y = english_rows.detach().float()[[m for _, m in pairs]]
+    x1 = torch.cat([x, torch.ones(len(x), 1)], dim=1)
+    gram = x1.T @ x1
+    solution = torch.linalg.solve(gram + ridge * gram.diagonal().mean() * torch.eye(x1.shape[1]), x1.T @ y)
+    fit = torch.nn.functional.cosine_similarity(x1 @ solution, y).mean()
+    return solution[:-1].T.contiguous(), solution[-1].contiguous(), {"pairs": len(pairs), "fit_cosine": float(fit)}

@@ -108,6 +108,8 @@ def build_stage_model(cfg: ExperimentConfig, stage: Stage, tokenizer_dir: str, p
                 model.embedding.proj.bias.zero_()
         else:
             table = table_rows(load_mbert_embeddings(localize(cfg.path(init))), tokenizer)
+            if cfg.model.text.projection_init == "align":
+                align_projection(model, table, tokenizer, clip_cfg)
         if tuple(table.shape) != tuple(model.embedding.token_embedding.weight.shape):
             raise ValueError(f"model.text.embeddings_init: table {tuple(table.shape)} does not match tokenizer "
                              f"vocabulary x embed_dim {tuple(model.embedding.token_embedding.weight.shape)}")
@@ -127,11 +129,11 @@ def table_rows(table: torch.Tensor, tokenizer) -> torch.Tensor:
     return table[:tokenizer.vocab_size] if table.shape[0] > tokenizer.vocab_size else table
 
 
-def transferred_table(model: CCRModel, tokenizer, clip_cfg: dict, seed: int) -> torch.Tensor:
-    """Vocabulary transfer (models/vocab_transfer.py) from the English tower's own word embeddings and tokenizer."""
+def _vocabularies(tokenizer, clip_cfg: dict):
+    """(target tokenizer, English tokenizer, the table's source ids in row order, special roles) for matching the
+    table's pieces with the English tower's (models/vocab_transfer.py)."""
     from tokenizers import Tokenizer
 
-    from ccr_ray.models.vocab_transfer import transfer_table
     from ccr_ray.tokenization import (
         build_clip_bpe,
         english_tokenizer_folder,
@@ -142,11 +144,31 @@ def transferred_table(model: CCRModel, tokenizer, clip_cfg: dict, seed: int) -> 
     english_folder = english_tokenizer_folder(clip_cfg)
     english = Tokenizer.from_file(str(ensure_tokenizer_json(english_folder))) if english_folder else build_clip_bpe()
     target = Tokenizer.from_file(str(ensure_tokenizer_json(tokenizer.folder)))
-    source_ids = (tokenizer.kept.tolist() if tokenizer.kept is not None
-                  else list(range(tokenizer.vocab_size)))
-    target_roles = special_roles(tokenizer.folder, target)
-    english_roles = special_roles(english_folder, english)
+    source_ids = tokenizer.kept.tolist() if tokenizer.kept is not None else list(range(tokenizer.vocab_size))
+    target_roles, english_roles = special_roles(tokenizer.folder, target), special_roles(english_folder, english)
     roles = {role: (target_roles.get(role), english_roles.get(role)) for role in target_roles}
+    return target, english, source_ids, roles
+
+
+def align_projection(model: CCRModel, table: torch.Tensor, tokenizer, clip_cfg: dict) -> None:
+    """model.text.projection_init=align: W_e, b_e fitted on the pieces both vocabularies have."""
+    from ccr_ray.models.vocab_transfer import english_matches, fit_projection
+
+    target, english, source_ids, roles = _vocabularies(tokenizer, clip_cfg)
+    rows = model.text_tower.word_embeddings()
+    weight, bias, fit = fit_projection(table, rows, english_matches(target, english, source_ids, roles))
+    with torch.no_grad():
+        model.embedding.proj.weight.copy_(weight)
+        model.embedding.proj.bias.copy_(bias)
+    log.info("model.text.projection_init=align: W_e fitted on %d pieces shared with the English vocabulary "
+             "(mean cosine of the fit %.2f)", fit["pairs"], fit["fit_cosine"])
+
+
+def transferred_table(model: CCRModel, tokenizer, clip_cfg: dict, seed: int) -> torch.Tensor:
+    """Vocabulary transfer (models/vocab_transfer.py) from the English tower's own word embeddings and tokenizer."""
+    from ccr_ray.models.vocab_transfer import transfer_table
+
+    target, english, source_ids, roles = _vocabularies(tokenizer, clip_cfg)
     table, counts = transfer_table(target, english, model.text_tower.word_embeddings(), source_ids, roles, seed)
     log.info("model.text.embeddings_init=transfer: %d rows shared with the English vocabulary, %d composed of its "
              "pieces, %d random", counts["shared"], counts["composed"], counts["random"])

@@ -153,3 +153,23 @@ def test_a_frozen_table_or_projection_leaves_the_optimizer_and_the_table_its_own
     lrs = {id(p): g["lr"] for g in state.optim.optimizer.param_groups for p in g["params"]}
     assert lrs[id(table)] == 1e-2 and lrs[id(state.model.embedding.proj.weight)] == 1e-3
     shutil.rmtree(home)
+
+
+def test_an_aligned_projection_maps_shared_pieces_onto_the_english_rows():
+    """fit_projection on a table that is a linear image of the English rows (plus an offset): the fitted W_e, b_e
+    undo it, so every shared piece enters the tower at its English row; unmatched rows do not count."""
+    from ccr_ray.models.vocab_transfer import fit_projection
+
+    gen = torch.Generator().manual_seed(0)
+    english = torch.randn(500, 16, generator=gen)
+    mix, offset = torch.randn(16, 24, generator=gen), torch.randn(24, generator=gen)
+    matches = [i if i % 5 else None for i in range(400)]  # every fifth piece has no English twin
+    table = torch.stack([english[m] if m is not None else torch.randn(16, generator=gen) for m in matches]) @ mix \
+        + offset
+    weight, bias, fit = fit_projection(table, english, matches, ridge=1e-8)
+    assert weight.shape == (16, 24) and fit["pairs"] == 320 and fit["fit_cosine"] > 0.999
+    mapped = table @ weight.T + bias
+    shared = [r for r, m in enumerate(matches) if m is not None]
+    assert torch.allclose(mapped[shared], english[[matches[r] for r in shared]], atol=1e-3)
+    with pytest.raises(ValueError, match="shared"):
+        fit_projection(table, english, [None] * 399 + [3])
