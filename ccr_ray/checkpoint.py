@@ -83,7 +83,10 @@ def save_checkpoint(path: str | os.PathLike, model: CCRModel, meta: CheckpointMe
         if optimizer is not None:
             save_file(_contiguous(optimizer), str(tmp / OPTIM_FILE))
         config = {"format_version": FORMAT_VERSION, "experiment": meta.config, "clip_cfg": meta.clip_cfg,
-                  "tokens": meta.tokens, "preprocess": meta.preprocess}
+                  "tokens": meta.tokens, "preprocess": meta.preprocess,
+                  # what each language reads alone, and what all share: a changed language shows as a changed
+                  # fingerprint (jobs/languages.py compares two checkpoints)
+                  "fingerprints": language_fingerprints(model)}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         state = {"stage": meta.stage, "step": meta.step, "metrics": meta.metrics, "best_score": meta.best_score,
                  "best_step": meta.best_step, "log": meta.log, "optimizer_scalars": optimizer_scalars or {}}
@@ -195,6 +198,21 @@ def load_weights_into(model: CCRModel, path: str | os.PathLike, inherit: str = "
     if unexpected:
         log.info("ignored parent tensors: %d, e.g. %s", len(unexpected), unexpected[:3])
     return {"missing": missing, "unexpected": unexpected}
+
+
+def language_fingerprints(model: CCRModel) -> dict[str, str]:
+    """{"shared": ..., lang: ...}: `tensor_fingerprint` of every part `CCRModel.language_parameters` names."""
+    return {part: tensor_fingerprint(tensors) for part, tensors in model.language_parameters().items()}
+
+
+def read_fingerprints(path: str | os.PathLike | Location) -> dict[str, str]:
+    """The fingerprints a checkpoint records (older checkpoints: computed from its weights)."""
+    folder = Location.of(path)
+    recorded = json.loads((folder / CONFIG_FILE).read_text()).get("fingerprints")
+    if recorded:
+        return recorded
+    model, _ = load_checkpoint(folder)
+    return language_fingerprints(model)
 
 
 def tensor_fingerprint(tensors: dict[str, torch.Tensor]) -> str:

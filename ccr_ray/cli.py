@@ -31,8 +31,8 @@ def plan_from_args(stage: str, config: str, overrides: list[str]):
     from ccr_ray.stages import resolve_config
     from ccr_ray.train.plan import plan_stage
 
-    cfg = resolve_config(stage, config, overrides)
-    return cfg, plan_stage(cfg, config)
+    plan = plan_stage(resolve_config(stage, config, overrides), config)
+    return plan.cfg, plan  # the planned config (a run that adds languages takes its model from the checkpoint)
 
 
 def local_log_file(cfg) -> Path:

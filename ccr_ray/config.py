@@ -105,6 +105,10 @@ class ModelConfig:
     mla: MLAConfig = field(default_factory=MLAConfig)
     dasd: DASDConfig = field(default_factory=DASDConfig)
     languages: list[str] = field(default_factory=lambda: ["de", "fr", "cs", "zh", "ja"])  # target languages
+    # languages this run adds to a trained model (run.init_from, or the stage's parent of the same additions): only
+    # their own adapters train, so every other language's embeddings stay bit-identical (jobs/train_stage.py
+    # --add-language); the model's architecture and languages come from that checkpoint
+    add_languages: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -238,8 +242,10 @@ class ExperimentConfig:
         return self.path(self.run.storage) if self.run.storage else str(self.home / "runs")
 
     def stage_location(self, stage: str | None = None) -> Location:
-        """{run.storage}/{experiment}/{stage} on whatever storage it is."""
-        return Location.of(self.runs_root) / self.run.experiment / (stage or self.stage)
+        """{run.storage}/{experiment}/{stage} on whatever storage it is; a run that adds languages writes beside
+        the model it extends: {stage}+{lang}[+{lang}...]."""
+        name = "+".join([stage or self.stage, *self.model.add_languages])
+        return Location.of(self.runs_root) / self.run.experiment / name
 
     def stage_dir(self, stage: str | None = None) -> Path:
         """The same folder as a local Path (for tools that only run against local storage)."""
@@ -251,9 +257,13 @@ class ExperimentConfig:
         What depends on the stage (its adapter kind, its losses) is `stages.check_stage_config`."""
         for name, ok, message in _RULES:
             _check(ok(self), name, message)
-        for lang in self.model.languages:
-            _check(lang in KNOWN_LANGUAGES and lang != "en", "model.languages",
-                   f"{lang!r} is not a known target language (known: {', '.join(KNOWN_LANGUAGES[1:])})")
+        for name, langs in (("model.languages", self.model.languages), ("model.add_languages",
+                                                                          self.model.add_languages)):
+            for lang in langs:
+                _check(lang in KNOWN_LANGUAGES and lang != "en", name,
+                       f"{lang!r} is not a known target language (known: {', '.join(KNOWN_LANGUAGES[1:])})")
+        _check(len(set(self.model.add_languages)) == len(self.model.add_languages), "model.add_languages",
+               "has duplicates")
         for name, w in self.loss.weights.items():
             _check(w >= 0, f"loss.weights.{name}", "must be >= 0")
 

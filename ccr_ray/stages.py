@@ -37,6 +37,7 @@ from ccr_ray.config import (
 # Parameter groups (see CCRModel.param_groups): the vocabulary `trains` is written in.
 IMAGE_TOWER, TEXT_TOWER, LOGIT_SCALE = "image_tower", "text_tower", "logit_scale"
 MULTILINGUAL_PATH = ("token_embedding", "embedding_proj", "adapters")
+NEW_LANGUAGE_ADAPTERS = "new_language_adapters"  # the adapters of languages a run adds (model.add_languages)
 CLIP_TOWERS = (IMAGE_TOWER, TEXT_TOWER)
 # which parameter group computes which stage input: an input whose tower a stage does not train is frozen, so its
 # features can be computed once (the frozen-feature cache, ccr_ray/features)
@@ -76,6 +77,18 @@ class Stage:
     # Ray Tune's default search space for this stage (jobs/tune.py; tune/space.py has the syntax): the adapter size
     # of the method it trains, the learning rate around the seeds' value, and its secondary loss weights
     search_space: Mapping[str, str] = field(default_factory=dict)
+    # can run with model.add_languages (a language added to a trained model): only the new languages' own adapters
+    # train (NEW_LANGUAGE_ADAPTERS), everything another language reads is frozen; False for stages that train what
+    # every language shares
+    adds_language: bool = False
+
+    def targets(self, cfg: ExperimentConfig) -> list[str]:
+        """The target languages a run trains and validates: the ones it adds, when it adds languages."""
+        return list(cfg.model.add_languages or cfg.model.languages)
+
+    def inherit_for(self, cfg: ExperimentConfig) -> str:
+        """What a run inherits from its parent: everything when it adds languages to a trained model."""
+        return "all" if cfg.model.add_languages else self.inherit
 
     def train_languages(self, targets: Sequence[str]) -> list[str]:
         return self.languages.resolve(targets)
@@ -96,7 +109,14 @@ class Stage:
 
     def trained_groups(self, cfg: ExperimentConfig) -> tuple[str, ...]:
         """What trains in a run of this stage: its `trains`, less what the config freezes (a config can freeze a
-        group the stage would train, never train one it would not)."""
+        group the stage would train, never train one it would not); only the new languages' own adapters when the
+        run adds languages."""
+        if cfg.model.add_languages:
+            if not self.adds_language:
+                raise ConfigError(f"model.add_languages: stage {self.name!r} trains {', '.join(self.trains)}, which "
+                                  "every language reads; it cannot add a language without changing the others "
+                                  f"(stages that can: {', '.join(n for n, s in STAGES.items() if s.adds_language)})")
+            return (NEW_LANGUAGE_ADAPTERS,)
         frozen = {"token_embedding": cfg.model.text.freeze_table, "embedding_proj": cfg.model.text.freeze_projection}
         return tuple(group for group in self.trains if not frozen.get(group, False))
 
@@ -147,6 +167,7 @@ STAGES: Mapping[str, Stage] = _table(
         parent_optional=True,
         adapter="mla",
         defaults={"optim.lr": 2e-4, "train.max_steps": 45_000, "train.eval_every": 3_000, "train.batch_size": 128},
+        adds_language=True,
         search_space={"model.mla.hidden": "choice(64, 128, 256)", "optim.lr": "loguniform(5e-5, 1e-3)"},
     ),
     Stage(
@@ -164,6 +185,7 @@ STAGES: Mapping[str, Stage] = _table(
         defaults={"optim.lr": 5e-6, "train.max_steps": 10_000, "train.eval_every": 500, "train.batch_size": 128,
                   "train.select": "final"},
         # stages that inherit every weight keep their parent's adapter size: only the learning rate
+        adds_language=True,
         search_space={"optim.lr": "loguniform(1e-6, 5e-5)"},
     ),
     Stage(
@@ -209,6 +231,7 @@ STAGES: Mapping[str, Stage] = _table(
         parent_optional=True,
         adapter="dasd",
         defaults={"optim.lr": 2e-4, "train.max_steps": 45_000, "train.eval_every": 3_000, "train.batch_size": 128},
+        adds_language=True,
         search_space={"model.dasd.core": "choice(16, 32, 64)", "optim.lr": "loguniform(5e-5, 1e-3)",
                       "loss.weights.consistency_l1": "loguniform(0.01, 1)",
                       "loss.weights.adversarial_text": "loguniform(1e-4, 1e-2)"},
@@ -227,6 +250,7 @@ STAGES: Mapping[str, Stage] = _table(
         parent="cla",
         adapter="dasd",
         defaults={"optim.lr": 6e-6, "train.max_steps": 7_000, "train.eval_every": 500, "train.batch_size": 128},
+        adds_language=True,
         search_space={"optim.lr": "loguniform(1e-6, 5e-5)", "loss.weights.contrastive_target": "uniform(0.5, 2)",
                       "loss.weights.distill_mse": "uniform(0.25, 2)",
                       "loss.weights.consistency_smoothl1": "loguniform(0.01, 1)",
@@ -265,6 +289,8 @@ def check_stage_config(cfg: ExperimentConfig) -> None:
     if stage.adapter is not None and cfg.model.adapter != stage.adapter:
         raise ConfigError(f"model.adapter: stage {stage.name!r} trains {stage.adapter!r} adapters, but the config "
                           f"says {cfg.model.adapter!r}")
+    if cfg.model.add_languages:
+        stage.trained_groups(cfg)  # refuses a stage that would train what every language reads
     unknown = set(cfg.loss.weights) - set(stage.losses)
     if unknown:
         raise ConfigError(f"loss.weights: {sorted(unknown)} are not losses of stage {stage.name!r} (its losses: "

@@ -471,6 +471,12 @@ def model_fingerprint(model: CCRModel) -> str:
     return ckpt.tensor_fingerprint(model.state_dict())
 
 
+def image_fingerprint(model: CCRModel) -> str | None:
+    """`tensor_fingerprint` of the image tower (what an image embedding depends on); None without one."""
+    tower = dict(model.param_groups()["image_tower"])
+    return ckpt.tensor_fingerprint({name: p for name, p in tower.items()}) if tower else None
+
+
 def export_checkpoint(plan: ExportPlan, model: CCRModel, meta: ckpt.CheckpointMeta) -> dict:
     """Write the export folder (into a temporary sibling, swapped in at the end) and check it; returns the
     manifest. Raises ParityError, after writing, when a fp32 graph misses the threshold."""
@@ -488,9 +494,10 @@ def export_checkpoint(plan: ExportPlan, model: CCRModel, meta: ckpt.CheckpointMe
             (tmp / rt.PREPROCESS_FILE).write_text(json.dumps(transform.to_config(), indent=2))
         tokenizers = _write_tokenizers(plan.checkpoint, meta, tmp, model.context_length, model.english_tokenizer)
         graphs = export_model(model, plan, tmp, transform.size if transform is not None else 0)
+        image = image_fingerprint(model)
         manifest = {
             "format": rt.FORMAT, "format_version": rt.FORMAT_VERSION,
-            "model": {"fingerprint": model_fingerprint(model),
+            "model": {"fingerprint": model_fingerprint(model), "image_fingerprint": image,
                       "checkpoint": str(Path(plan.checkpoint).resolve()), "stage": meta.stage, "step": meta.step,
                       "adapter": meta.experiment.model.adapter, "backbone": meta.experiment.model.backbone.name},
             "languages": (["en"] if rt.TEXT_EN in graphs else []) + (plan.languages if rt.TEXT in graphs else []),
@@ -499,6 +506,9 @@ def export_checkpoint(plan: ExportPlan, model: CCRModel, meta: ckpt.CheckpointMe
             "context_length": model.context_length, "image_size": transform.size if transform is not None else None,
             "padding_invariant": bool(model.adapters.padding_invariant),
             "opset": plan.opset, "graphs": graphs, "tokenizers": tokenizers,
+            # what each part of the model is: the image tower (an index of image embeddings stays valid while it
+            # is unchanged), what every language reads, and each language's own adapters
+            "fingerprints": {"image": image, **ckpt.language_fingerprints(model)},
             "preprocess": rt.PREPROCESS_FILE if transform is not None else None,
             "normalized": True, "files": OTHER_FILES,
             "export": {"exporter": "torch.onnx (dynamo)", "torch": torch.__version__, "onnx": onnx.__version__,

@@ -157,9 +157,9 @@ class Index:
 
     def check_model(self, encoder) -> None:
         """Queries and images must come from the same weights, or scores are meaningless."""
-        stored = self.fingerprint
-        current = (encoder.manifest.get("model") or {}).get("fingerprint")
-        if stored and current and stored != current:
+        mismatch = image_mismatch(self.meta.get("model") or {}, encoder.manifest.get("model") or {})
+        if mismatch:
+            stored, current = mismatch
             raise EmbedError(f"the image embeddings were made by model {stored[:12]}, the query encoder in "
                              f"{encoder.folder} is model {current[:12]}; re-run export/embed.py with this model")
         if self.dim != encoder.embed_dim:
@@ -266,11 +266,22 @@ def read_index_meta(path: str | os.PathLike) -> dict:
                            "(embeddings.json)")
 
 
+def image_mismatch(stored: dict, current: dict) -> tuple[str, str] | None:
+    """(stored, current) fingerprints when the images an index holds were embedded by other weights than the
+    model's; None when they match. An image embedding depends on the image tower alone, so a model that changed
+    elsewhere (a language added, text adapters retrained) keeps its index; exports without the image tower's own
+    fingerprint compare whole models."""
+    key = "image_fingerprint" if stored.get("image_fingerprint") and current.get("image_fingerprint") \
+        else "fingerprint"
+    a, b = stored.get(key), current.get(key)
+    return (a, b) if a and b and a != b else None
+
+
 def check_pair(manifest: dict, meta: dict, where: str = "--index") -> None:
     """The index's images and the model's queries must come from the same weights and have the same size."""
-    stored = (meta.get("model") or {}).get("fingerprint")
-    current = (manifest.get("model") or {}).get("fingerprint")
-    if stored and current and stored != current:
+    mismatch = image_mismatch(meta.get("model") or {}, manifest.get("model") or {})
+    if mismatch:
+        stored, current = mismatch
         raise SearchIndexError(f"{where}: its images were embedded by model {stored[:12]}, the model to serve is "
                                f"{current[:12]}; re-run export/embed.py and export/build_index.py with this model")
     if meta.get("embed_dim") is not None and int(meta["embed_dim"]) != int(manifest["embed_dim"]):

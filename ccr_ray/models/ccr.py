@@ -127,13 +127,17 @@ class CCRModel(nn.Module):
         return any(p.requires_grad for _, p in self.param_groups()[group])
 
     # ------------------------------------------------------------------ parameter groups
-    def param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """Every parameter in exactly one named group; stages say which groups train (stages.py)."""
+    def param_groups(self, new_languages: Iterable[str] = ()) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Every parameter in exactly one named group; stages say which groups train (stages.py).
+
+        `new_languages`: languages being added to a trained model; the adapter parameters that belong to them
+        alone (under the adapters' per-language dicts) form `new_language_adapters` instead of `adapters`."""
         named = dict(self.named_parameters())
         groups: dict[str, list[tuple[str, nn.Parameter]]] = {
             "image_tower": [], "text_tower": [], "logit_scale": [], "token_embedding": [], "embedding_proj": [],
-            "adapters": [],
+            "adapters": [], "new_language_adapters": [],
         }
+        new = tuple(f"adapters.{d}.{lang}." for d in self.adapters.language_dicts() for lang in new_languages)
         for name, param in named.items():
             if name.startswith("clip."):
                 groups[backbone.tower_of(name[len("clip."):])].append((name, param))
@@ -141,19 +145,33 @@ class CCRModel(nn.Module):
                 groups["token_embedding"].append((name, param))
             elif name.startswith("embedding."):
                 groups["embedding_proj"].append((name, param))
+            elif new and name.startswith(new):
+                groups["new_language_adapters"].append((name, param))
             elif name.startswith("adapters."):
                 groups["adapters"].append((name, param))
             else:  # pragma: no cover - a new submodule must be given a group
                 raise AssertionError(f"parameter {name} belongs to no group")
         return groups
 
-    def set_trainable(self, groups: Iterable[str]) -> list[tuple[str, nn.Parameter]]:
+    def language_parameters(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{language: its own parameters} and {"shared": everything else}: what a language reads that no other
+        does, and what every language reads (the checkpoint fingerprints each, so anyone can see what changed)."""
+        own = {lang: tuple(f"adapters.{d}.{lang}." for d in self.adapters.language_dicts()) for lang in self.languages}
+        out: dict[str, dict[str, torch.Tensor]] = {lang: {} for lang in self.languages}
+        out["shared"] = {}
+        for name, tensor in self.state_dict().items():
+            lang = next((lang for lang, prefixes in own.items() if name.startswith(prefixes)), "shared")
+            out[lang][name] = tensor
+        return out
+
+    def set_trainable(self, groups: Iterable[str], new_languages: Iterable[str] = ()
+                      ) -> list[tuple[str, nn.Parameter]]:
         """requires_grad=True exactly for the named groups; returns the trainable (name, param) pairs.
 
         (The seeds leave requires_grad on everywhere and simply do not give frozen weights to the optimizer;
         turning it off computes the same update without the frozen weights' gradients.)"""
         wanted = set(groups)
-        all_groups = self.param_groups()
+        all_groups = self.param_groups(new_languages)
         unknown = wanted - set(all_groups)
         if unknown:
             raise KeyError(f"unknown parameter groups {sorted(unknown)}; known: {', '.join(all_groups)}")

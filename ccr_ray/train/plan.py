@@ -123,6 +123,11 @@ def run_name(cfg: ExperimentConfig, parent: str | None) -> str:
 
 
 def _parent_checkpoint(cfg: ExperimentConfig, stage: Stage, config_source: str | None) -> str | None:
+    if cfg.model.add_languages and (cfg.run.init_from == INIT_FROM_PRETRAINED or
+                                    (not cfg.run.init_from and stage.inherit == "backbone")):
+        raise StageError(f"model.add_languages: {stage.name} is the first stage of adding "
+                         f"{', '.join(cfg.model.add_languages)} to a trained model; name that model's checkpoint with "
+                         "--from CKPT (run.init_from), e.g. its le or cma checkpoint")
     if cfg.run.init_from == INIT_FROM_PRETRAINED:
         if not cfg.model.backbone.pretrained:
             raise StageError("run.init_from=pretrained: set model.backbone.pretrained to a local CLIP weights file")
@@ -148,10 +153,58 @@ def _parent_checkpoint(cfg: ExperimentConfig, stage: Stage, config_source: str |
         f"Run first: {parent.command(config_source)}{hint}")
 
 
+# model fields that only decide how a new table starts: a run that extends a trained model inherits its table
+INIT_ONLY_TEXT_FIELDS = ("tokenizer", "embeddings_init", "trim_vocab", "projection_init", "freeze_table",
+                         "freeze_projection", "init_std")
+
+
+def _extending(cfg: ExperimentConfig, stage: Stage, parent: str | None) -> ExperimentConfig:
+    """model.add_languages: the run adds languages to a trained model, so the model (architecture, languages, token
+    table) is that checkpoint's, plus the new languages' adapters. Refused: no trained model to extend, a language
+    it already has (unless its parent is an earlier stage of the same additions), and a config whose model differs
+    from the checkpoint's (it would change what the other languages read)."""
+    adding = list(cfg.model.add_languages)
+    if parent is None:
+        raise StageError(f"model.add_languages: adding {', '.join(adding)} extends a trained model; name its "
+                         f"checkpoint with --from CKPT (run.init_from), e.g. the le or cma checkpoint")
+    trained = ckpt.read_meta(parent).experiment.model
+    # found by the stage table (no --from), the parent is an earlier stage of the same additions and holds them
+    earlier = set(trained.add_languages) if not cfg.run.init_from else set()
+    have = [lang for lang in adding if lang in trained.languages and lang not in earlier]
+    if have:
+        raise StageError(f"model.add_languages: {parent} already has {', '.join(have)} (its languages: "
+                         f"{', '.join(trained.languages)})")
+    mine, theirs = dataclasses.asdict(cfg.model), dataclasses.asdict(trained)
+    for section in (mine, theirs):
+        section.pop("languages"), section.pop("add_languages")
+        for name in INIT_ONLY_TEXT_FIELDS:
+            section["text"].pop(name)
+    differing = _first_difference(mine, theirs, "model")
+    if differing:
+        raise StageError(f"{differing}: differs from the checkpoint being extended ({parent}); adding a language "
+                         "keeps the trained model as it is (drop the override, or use the config it was trained "
+                         "with)")
+    languages = [*[lang for lang in trained.languages if lang not in adding], *adding]
+    model = dataclasses.replace(trained, languages=languages, add_languages=adding)
+    return dataclasses.replace(cfg, model=model)
+
+
+def _first_difference(a: Any, b: Any, path: str) -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            found = _first_difference(a.get(key), b.get(key), f"{path}.{key}")
+            if found:
+                return found
+        return None
+    return None if a == b else path
+
+
 def plan_stage(cfg: ExperimentConfig, config_source: str | None = None) -> StagePlan:
     """Every check that can fail without a cluster, with messages naming the field or path."""
     stage = STAGES[cfg.stage]
     parent = _parent_checkpoint(cfg, stage, config_source)
+    if cfg.model.add_languages:
+        cfg = _extending(cfg, stage, parent)
     dataset_root = stage.dataset_root(cfg)
     try:
         manifest = schema.load_manifest(dataset_root)
@@ -162,8 +215,8 @@ def plan_stage(cfg: ExperimentConfig, config_source: str | None = None) -> Stage
         if split not in manifest.splits:
             raise StageError(f"data.{stage.dataset}: {dataset_root} has no split {split!r} "
                              f"(splits: {', '.join(manifest.splits)})")
-    train_languages = stage.train_languages(cfg.model.languages)
-    eval_languages = stage.eval_languages(cfg.model.languages)
+    train_languages = stage.train_languages(stage.targets(cfg))
+    eval_languages = stage.eval_languages(stage.targets(cfg))
     needed = set(train_languages) | ({"en"} if "text_en" in stage.inputs else set())
     train_caps = manifest.splits[cfg.data.train_split].captions
     missing = sorted(lang for lang in needed if not train_caps.get(lang))
@@ -212,7 +265,7 @@ def plan_stage(cfg: ExperimentConfig, config_source: str | None = None) -> Stage
 
 def _tokenizer_dir(cfg: ExperimentConfig, stage: Stage, parent: str | None, root: str, manifest) -> str:
     """The tokenizer must match the token table E: inherit the parent's copy when E is inherited."""
-    if parent and stage.inherit == "all" and ckpt.tokenizer_of(parent):
+    if parent and stage.inherit_for(cfg) == "all" and ckpt.tokenizer_of(parent):
         return ckpt.tokenizer_of(parent)
     if cfg.model.text.tokenizer == "auto":
         if not manifest.tokenizer:

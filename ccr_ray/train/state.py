@@ -93,14 +93,15 @@ def build_stage_model(cfg: ExperimentConfig, stage: Stage, tokenizer_dir: str, p
     tokenizer = target_tokenizer(tokenizer_dir, context)
     tokens = tokenizer.info()
     model = build_model(cfg.model, tokens, clip_cfg=clip_cfg)
+    inherit = stage.inherit_for(cfg)
     if parent:
-        ckpt.load_weights_into(model, parent, stage.inherit)
+        ckpt.load_weights_into(model, parent, inherit)
     elif cfg.model.backbone.pretrained:
         backbone.load_backbone_weights(model.clip, localize(cfg.path(cfg.model.backbone.pretrained)))
-    if not parent or stage.inherit == "backbone":
+    if not parent or inherit == "backbone":
         model.adapters.after_backbone_loaded(model.text_tower)
     init = cfg.model.text.embeddings_init
-    if init and (not parent or stage.inherit == "backbone"):
+    if init and (not parent or inherit == "backbone"):
         if init == TRANSFER:
             table = transferred_table(model, tokenizer, clip_cfg, cfg.train.seed)
             with torch.no_grad():  # E lives in the tower's input space: W_e starts as the identity
@@ -208,13 +209,13 @@ class TrainState:
         torch.manual_seed(cfg.train.seed)
         model, artifacts = build_stage_model(cfg, stage, tokenizer_dir, parent)
         model.to(device)
-        trainable = model.set_trainable(stage.trained_groups(cfg))
+        trainable = model.set_trainable(stage.trained_groups(cfg), new_languages=cfg.model.add_languages)
         adversary = None
         golds = [LOSSES[name].adversarial_gold for name, w in cfg.loss.weights.items() if w]
         gold = next((g for g in golds if g), None)
         if gold is not None:  # an adversarial loss is on: DASD's discriminator trains beside the model
             adversary = Adversary(model.width + model.text_tower.embed_dim, cfg.model.dasd, device, gold)
-            if parent and stage.inherit == "all":  # CMA carries CLA's discriminator on (spec 3.3)
+            if parent and stage.inherit_for(cfg) == "all":  # CMA carries CLA's discriminator on (spec 3.3)
                 aux = ckpt.load_tensors(parent, ckpt.AUX_FILE)
                 if aux is not None:
                     adversary.load_weights(aux)
@@ -230,12 +231,12 @@ class TrainState:
     @property
     def train_languages(self) -> list[str]:
         """Languages of the training batches (one drawn per step)."""
-        return self.stage.train_languages(self.cfg.model.languages)
+        return self.stage.train_languages(self.stage.targets(self.cfg))
 
     @property
     def eval_languages(self) -> list[str]:
         """Languages of the validation score (mean mR)."""
-        return self.stage.eval_languages(self.cfg.model.languages)
+        return self.stage.eval_languages(self.stage.targets(self.cfg))
 
     @property
     def needs(self) -> set[str]:
