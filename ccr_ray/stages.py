@@ -82,6 +82,11 @@ class Stage:
     # every language shares
     adds_language: bool = False
 
+    def default_space(self, adds_languages: bool = False) -> dict[str, str]:
+        """Ray Tune's default space; a run that adds languages keeps the trained model's architecture (the adapter
+        size of every language), so only its training settings are swept."""
+        return {k: v for k, v in self.search_space.items() if not (adds_languages and k.startswith("model."))}
+
     def targets(self, cfg: ExperimentConfig) -> list[str]:
         """The target languages a run trains and validates: the ones it adds, when it adds languages."""
         return list(cfg.model.add_languages or cfg.model.languages)

@@ -3,7 +3,7 @@
 Usage:
     python jobs/tune.py --stage STAGE [--config FILE|demo] [--set k=v ...] [--space k=SPEC ...] [--space-file F]
                         [--num-samples N] [--max-concurrent K] [--search random|optuna] [--scheduler asha|none]
-                        [--name NAME] [--resume] [--report SWEEP_DIR] [--dry-run]
+                        [--add-language LANG --from CKPT] [--name NAME] [--resume] [--report SWEEP_DIR] [--dry-run]
 
     --space       override one key of the stage's default space: optim.lr=loguniform(1e-5,1e-3),
                   model.mla.hidden=choice(32,64,128), loss.weights.consistency_l1=uniform(0.01,0.3),
@@ -11,6 +11,8 @@ Usage:
     --space-file  a JSON/YAML mapping key -> spec (a list = choice), applied before --space
     --search      random (default; no extra dependency) or optuna (pip install 'ccr-ray[optuna]')
     --scheduler   asha (default: stops weak trials at validations, on val/mR) or none
+    --add-language / --from   sweep a stage that adds a language to a trained model (train_stage.py's options):
+                  the default space then keeps the model's architecture and sweeps the training settings
     --name        the sweep's name (default: the stage + a hash of everything swept, so the same command names
                   the same sweep); outputs go to {home}/sweeps/{name}/
     --resume      continue an interrupted sweep (Ctrl-C, a killed driver, a lost head): finished trials are kept,
@@ -47,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--report", metavar="SWEEP_DIR", default=None)
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--add-language", dest="add_language", default=None, metavar="LANG[,LANG]")
+    parser.add_argument("--from", dest="init_from", default=None, metavar="CKPT")
     args = parser.parse_args(argv)
     if not args.report and not args.stage:
         parser.error("--stage is required (except with --report)")
@@ -72,8 +76,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = load_config_file(args.config)
-        space = resolve_space(STAGES[args.stage].search_space, args.space_file, args.space)
-        spec = SweepSpec(stage=args.stage, config=config, config_source=args.config, overrides=list(args.overrides),
+        space = resolve_space(STAGES[args.stage].default_space(bool(args.add_language)), args.space_file, args.space)
+        overrides = list(args.overrides)
+        if args.add_language:
+            overrides.append(f"model.add_languages={args.add_language}")
+        if args.init_from:
+            overrides.append(f"run.init_from={args.init_from}")
+        spec = SweepSpec(stage=args.stage, config=config, config_source=args.config, overrides=overrides,
                          space={k: str(d) for k, d in space.items()}, num_samples=args.num_samples,
                          max_concurrent=args.max_concurrent, search=args.search, scheduler=args.scheduler,
                          seed=args.seed, name=args.name)

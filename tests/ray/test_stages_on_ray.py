@@ -67,6 +67,21 @@ def test_clip_nlt_le_then_evaluate_through_the_job_clis(ray_local, micro_data, t
     changed = resolve_config("clip", config, overrides=["optim.lr=5e-4"])  # what `--set optim.lr=5e-4` gives
     assert plan_stage(changed).run_name != plan_stage(resolve_config("clip", config)).run_name
 
+    # a language added to the trained model through the same CLI, on Ray Train: nlt from the le checkpoint, then le
+    # finds nlt+fr; de, zh and everything shared keep their fingerprints, fr is new (jobs/languages.py compare)
+    import languages
+
+    base = str(home / "le" / "checkpoint")
+    assert train_stage.main(["--stage", "nlt", "--config", config, "--add-language", "fr", "--from", base]) == 0
+    assert train_stage.main(["--stage", "le", "--config", config, "--add-language", "fr"]) == 0
+    merged = home / "le+fr" / "checkpoint"
+    assert ckpt.read_meta(merged).experiment.model.languages == ["de", "zh", "fr"]
+    capsys.readouterr()
+    assert languages.main(["compare", base, str(merged)]) == 0
+    assert "fr       added" in capsys.readouterr().out
+    history = [json.loads(line) for line in (home / "nlt+fr" / "train_log.jsonl").read_text().splitlines()]
+    assert {r["lang"] for r in history if "loss" in r} == {"fr"}  # only the new language trained
+
 
 CRASH_AT_STEP = 3
 
