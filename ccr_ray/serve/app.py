@@ -7,11 +7,11 @@ torch-free runtime, the image index and the image store, loaded once per replica
     POST /encode/image    an image -> {"embedding": [...]}
     GET  /languages, /healthz, /images/{id}[?max_side=N], / (the search page), /docs and /redoc (OpenAPI)
 
-Captions and images are queued per replica and run in batches (`@serve.batch`); a search batch is encoded
-language by language and goes through the index in one search. The batch size and wait, and every input
-limit, are the deployment's `user_config` (changed live by `serve deploy`); replicas and autoscaling are
-deployment options (cluster/serve/serve_config.yaml, or `build_app` args). Every refused request gets a 4xx
-JSON answer {"detail": "<field>: <why>", "field": "<field>"}.
+Captions and images are queued per replica and run in batches (ccr_ray/serve/batching.py: a lone request starts
+at once, a batch takes what is waiting); a search batch is encoded language by language and goes through the
+index in one search. The batch size and wait, and every input limit, are the deployment's `user_config` (changed
+live by `serve deploy`); replicas and autoscaling are deployment options (cluster/serve/serve_config.yaml, or
+`build_app` args). Every refused request gets a 4xx JSON answer {"detail": "<field>: <why>", "field": "<field>"}.
 """
 
 # No `from __future__ import annotations` here: Serve rebuilds the route methods of the ingress class, and
@@ -31,6 +31,8 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ccr_ray import __version__
+from ccr_ray.serve import batching as request_batching
+from ccr_ray.serve.batching import Batcher
 from ccr_ray.serve.page import image_url, render_page
 from ccr_ray.serve.service import ActiveLimits, BadRequest, Limits, RetrievalService
 
@@ -126,6 +128,7 @@ class BodyLimit:
 
 
 api.add_middleware(BodyLimit)
+api.add_middleware(request_batching.CountArrivals)  # outermost: a request counts from the moment it comes in
 
 
 # ----------------------------------------------------------------------------------------- request models
@@ -197,6 +200,12 @@ class Retrieval:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         # onnxruntime and faiss threads = the CPUs Ray gave this replica (at least one)
         self.service = RetrievalService(model, index, images, precision, threads or max(1, math.ceil(cpus)))
+        # Captions and images are batched per replica (ccr_ray/serve/batching.py): a batch runs in a worker thread,
+        # so the event loop keeps queueing the next one (and answering health checks) while onnxruntime and faiss
+        # compute; a lone request starts at once, a batch waits only for requests already on their way.
+        self._search_batch = Batcher(self.service.search_texts, arrivals=request_batching.ARRIVALS, name="search")
+        self._text_batch = Batcher(self._embed_texts, arrivals=request_batching.ARRIVALS, name="text")
+        self._image_batch = Batcher(self._embed_images, arrivals=request_batching.ARRIVALS, name="image")
         self.reconfigure({})
 
     def reconfigure(self, config: dict) -> None:
@@ -210,28 +219,19 @@ class Retrieval:
         wait = float(config.get("batch_wait_timeout_s", DEFAULT_BATCH["batch_wait_timeout_s"]))
         if size < 1 or wait < 0:
             raise ValueError("user_config: max_batch_size must be >= 1 and batch_wait_timeout_s >= 0")
-        for method in (self._search_batch, self._text_batch, self._image_batch):
-            method.set_max_batch_size(size)
-            method.set_batch_wait_timeout_s(wait)
+        for batcher in (self._search_batch, self._text_batch, self._image_batch):
+            batcher.max_batch_size, batcher.wait_s = size, wait
         self.batching = {"max_batch_size": size, "batch_wait_timeout_s": wait}
 
     def check_health(self) -> None:
         if self.service.index is None or self.service.encoder is None:
             raise RuntimeError("service not loaded")
 
-    # Each batch runs in a worker thread, so the replica's event loop keeps queueing the next batch (and
-    # answering health checks) while onnxruntime and faiss compute.
-    @serve.batch(**DEFAULT_BATCH)
-    async def _search_batch(self, items: list[tuple[str, str, int]]) -> list[dict]:
-        return await asyncio.to_thread(self.service.search_texts, items)
+    def _embed_texts(self, items: list[tuple[str, str]]) -> list:
+        return list(self.service.embed_texts(items))
 
-    @serve.batch(**DEFAULT_BATCH)
-    async def _text_batch(self, items: list[tuple[str, str]]) -> list:
-        return list(await asyncio.to_thread(self.service.embed_texts, items))
-
-    @serve.batch(**DEFAULT_BATCH)
-    async def _image_batch(self, images: list) -> list:
-        return list(await asyncio.to_thread(self.service.embed_images, images))
+    def _embed_images(self, images: list) -> list:
+        return list(self.service.embed_images(images))
 
     def _urls(self, request: Request, ids: list[str]) -> list[str | None]:
         store, root = self.service.images, _root(request)
@@ -280,7 +280,8 @@ class Retrieval:
 
     @api.get("/healthz", summary="Liveness, the model, the index and the limits")
     async def healthz(self) -> dict:
-        return {"status": "ok", **self.service.describe(), "batching": self.batching}
+        return {"status": "ok", **self.service.describe(), "batching": self.batching,
+                "batches": {b.name: b.stats() for b in (self._search_batch, self._text_batch, self._image_batch)}}
 
     @api.get("/images/{image_id:path}", summary="An indexed image (max_side: a thumbnail at most this size)",
              response_class=Response)
@@ -333,6 +334,7 @@ class AppArgs(BaseModel):
     num_cpus: float | None = None
     max_ongoing_requests: int | None = None
     user_config: dict[str, Any] | None = None
+    access_log: bool = False  # Serve's per-request log line in each replica's log file (off: it costs CPU per request)
 
 
 def build_app(args: dict | None = None):
@@ -350,7 +352,8 @@ def build_app(args: dict | None = None):
         options["max_ongoing_requests"] = a.max_ongoing_requests
     if a.user_config is not None:
         options["user_config"] = a.user_config
-    deployment = Retrieval.options(**options) if options else Retrieval
+    options["logging_config"] = {"enable_access_log": a.access_log}
+    deployment = Retrieval.options(**options)
 
     def path(p: str | None) -> str | None:
         return str(Path(os.path.expanduser(p)).resolve()) if p else None
