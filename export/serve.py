@@ -3,7 +3,7 @@
 Usage:
     python export/serve.py --model DIR --index DIR [--images DATASET] [--host 127.0.0.1] [--port 8000]
                            [--int8] [--replicas N] [--num-cpus 0.5] [--max-batch-size 16] [--batch-wait-ms 5]
-                           [--name ccr-ray] [--route-prefix /] [--start-timeout 600]
+                           [--name ccr-ray] [--route-prefix /] [--start-timeout 600] [--access-log]
 
     --model       an export folder (export/to_onnx.py)
     --index       an index folder (export/build_index.py), or an embeddings folder (export/embed.py), made
@@ -14,24 +14,30 @@ Usage:
     --replicas    replicas of the Retrieval deployment, each --num-cpus CPUs (onnxruntime and faiss threads)
     --max-batch-size / --batch-wait-ms   request batching per replica (--max-batch-size 1: no batching)
     --start-timeout  seconds to wait for the service to answer before giving up (default 600)
+    --access-log  Serve's per-request log line in the replicas' log files (off by default: it costs CPU)
 
 Starts Ray Serve on the cluster in RAY_ADDRESS, else a live `ray start` cluster on this machine, else a new local
-Ray (README, "Which Ray a job runs on"), waits until the service answers (--start-timeout, default 600 s: a busy
-machine starts slowly), prints the URL and serves until Ctrl-C or SIGTERM; then it deletes its application from a
-shared cluster, or stops the local Ray it started (in seconds, every Ray process with it). API: /docs.
+Ray (README, "Which Ray a job runs on"; a local Ray gets HAProxy as its ingress, in front of replicas that serve
+HTTP themselves: ccr_ray/serve/ray_env.py, RAY_SERVE_ENABLE_HA_PROXY=0 for Serve's Python proxy), waits until the
+service answers (--start-timeout, default 600 s: a busy machine starts slowly), prints the URL and serves until
+Ctrl-C or SIGTERM; then it deletes its application from a shared cluster, or stops the local Ray it started (in
+seconds, every Ray process with it). API: /docs.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 
 from ccr_ray.cli import fail, quiet_ray_env
-from ccr_ray.serve.ray_env import apply_serve_env
+from ccr_ray.serve.ray_env import apply_serve_env, local_ingress_env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--name", default="ccr-ray")
     parser.add_argument("--route-prefix", default="/")
+    parser.add_argument("--access-log", action="store_true",
+                        help="Serve's per-request log line in the replicas' log files (off by default: CPU per request)")
     parser.add_argument("--start-timeout", type=float, default=600.0,
                         help="seconds start-up may take before the job gives up (a busy machine needs more)")
     args = parser.parse_args(argv)
@@ -97,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.replicas * args.num_cpus > cpus:
             return fail(f"--replicas {args.replicas} x --num-cpus {args.num_cpus} need "
                         f"{args.replicas * args.num_cpus:g} CPUs; a local Ray here has {cpus:g}")
+        # HAProxy's side listeners on free ports and on the service's address (ccr_ray/serve/ray_env.py)
+        scratch = tempfile.mkdtemp(prefix="ccr-serve-")
+        atexit.register(shutil.rmtree, scratch, True)
+        local_ingress_env(scratch)
     import ray
     from ray import serve
 
@@ -115,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app = build_app({"model": args.model, "index": args.index, "images": args.images,
                          "precision": "int8" if args.int8 else "fp32", "num_replicas": args.replicas,
-                         "num_cpus": args.num_cpus, "user_config": {
+                         "num_cpus": args.num_cpus, "access_log": args.access_log, "user_config": {
                              "max_batch_size": args.max_batch_size,
                              "batch_wait_timeout_s": args.batch_wait_ms / 1000}})
         started = time.monotonic()

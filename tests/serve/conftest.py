@@ -106,18 +106,21 @@ def demo_model(serve_data, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def serve_port():
-    """A private local Ray with Serve's HTTP proxy on 127.0.0.1:PORT; everything stopped at the end."""
+    """A private local Ray with Serve's HTTP ingress on 127.0.0.1:PORT; everything stopped at the end."""
     import ray
     from ray import serve
 
-    from ccr_ray.serve.ray_env import apply_serve_env
+    from ccr_ray.serve.ray_env import apply_serve_env, local_ingress_env
 
     if ray.is_initialized():
         ray.shutdown()
-    # Serve's controller and proxy inherit the environment the local Ray starts with: the proxy gets the time it
-    # needs to start on a busy machine, as under export/serve.py (ccr_ray/serve/ray_env.py)
+    saved = dict(os.environ)
+    # Serve's controller, proxy and replicas inherit the environment the local Ray starts with: the proxy gets the
+    # time it needs to start on a busy machine, HAProxy is the ingress (its side listeners on free loopback ports),
+    # as under export/serve.py (ccr_ray/serve/ray_env.py)
     serve_env = apply_serve_env()
     temp = tempfile.mkdtemp(prefix="ccrsrv-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    serve_env.update(local_ingress_env(temp))
     ray.init(address="local", num_cpus=2, _temp_dir=temp, log_to_driver=False, include_dashboard=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **serve_env}})
     port = free_port()
@@ -128,3 +131,5 @@ def serve_port():
         serve.shutdown()
         ray.shutdown()
         os.system(f"rm -rf {temp}")
+        os.environ.clear()  # later tests' subprocesses (export/serve.py, the serving install) start clean
+        os.environ.update(saved)

@@ -378,8 +378,9 @@ def rayservice() -> dict:
 
 def check_serve_env(config: dict, where: str, doc: dict | None = None) -> None:
     """Serve's start-up settings (ccr_ray/serve/ray_env.py) in every application's runtime_env and, for KubeRay,
-    in the environment of every Ray container (where Serve's controller and proxies read them)."""
-    from ccr_ray.serve.ray_env import SERVE_ENV
+    with the ingress settings in the environment of every Ray container (where Serve's controller, proxies and
+    replicas read them)."""
+    from ccr_ray.serve.ray_env import INGRESS_ENV, SERVE_ENV
 
     for application in config["applications"]:
         env_vars = (application.get("runtime_env") or {}).get("env_vars") or {}
@@ -392,12 +393,20 @@ def check_serve_env(config: dict, where: str, doc: dict | None = None) -> None:
     for name, group in groups:
         container = group["template"]["spec"]["containers"][0]
         env = {e["name"]: e.get("value") for e in container.get("env") or []}
-        for key, value in SERVE_ENV.items():
+        for key, value in {**SERVE_ENV, **INGRESS_ENV}.items():
             assert env.get(key) == value, f"{where}: {name} container env lacks {key}={value}"
 
 
 def test_serve_configs_carry_the_serve_start_up_settings():
+    from ccr_ray.serve.ray_env import INGRESS_ENV
+
     check_serve_env(load(SERVE_CONFIG), str(SERVE_CONFIG))
+    # the launcher cluster's ingress settings belong in `ray start`'s environment: the file says which
+    text = SERVE_CONFIG.read_text()
+    assert all(f"{key}={value}" in text for key, value in INGRESS_ENV.items()), INGRESS_ENV
+    for config in (load(SERVE_CONFIG), yaml.safe_load(rayservice()["spec"]["serveConfigV2"])):
+        for application in config["applications"]:  # no per-request access log line (CPU on every request)
+            assert all(d["logging_config"] == {"enable_access_log": False} for d in application["deployments"])
     doc = rayservice()
     check_serve_env(yaml.safe_load(doc["spec"]["serveConfigV2"]), "rayservice serveConfigV2", doc)
 

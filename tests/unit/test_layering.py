@@ -23,7 +23,8 @@ RAY_FREE = [
     "ccr_ray.runtime", "ccr_ray.export.onnx_export", "ccr_ray.export.probes", "ccr_ray.export.quantize",
     "ccr_ray.inference.search", "ccr_ray.inference.evaluate", "ccr_ray.inference.index",
     # the retrieval service's core: Ray lives only in ccr_ray/serve/app.py (the Serve deployment)
-    "ccr_ray.serve", "ccr_ray.serve.service", "ccr_ray.serve.images", "ccr_ray.serve.page",
+    "ccr_ray.serve", "ccr_ray.serve.service", "ccr_ray.serve.images", "ccr_ray.serve.page", "ccr_ray.serve.batching",
+    "ccr_ray.serve.haproxy_bind",
     # converters: parsing, image checks and shard writing; only ccr_ray.data.ingest runs them on Ray
     "ccr_ray.data.converters", "ccr_ray.data.converters.records", "ccr_ray.data.converters.shards",
     "ccr_ray.data.converters.report", "ccr_ray.data.converters.seeds", "ccr_ray.data.converters.cc300k",
