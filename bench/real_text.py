@@ -70,7 +70,7 @@ E5_CONFIG, WORDPIECE_CONFIG = "minilm-e5-multi30k", "minilm-multi30k"
 WORDPIECE = 12000
 # the schedule every trained row shares (the e5 config's own; the WordPiece config is given the same)
 SCHEDULE = ["train.max_steps=200", "train.eval_every=50", "train.log_every=10", "train.batch_size=64",
-            "optim.lr=1e-3", "data.feature_cache=true", "data.cache_actor_cpus=2"]
+            "optim.lr=1e-3", "data.feature_cache=true", "data.cache_actor_cpus=1.5"]
 QUICK = ["train.max_steps=3", "train.eval_every=3", "train.log_every=1", "train.batch_size=16",
          "data.val_max_images=32", "data.cache_actor_cpus=1"]
 QUICK_LINES = {"train": 384, "val": 48, "test_2016_flickr": 64}

@@ -72,8 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         ensure_ray()
     except RayUnavailable as err:
         return fail(str(err))
-    info, action = ensure_feature_cache(cache, cfg.data, use_gpu=cfg.scaling.use_gpu, force=args.rebuild,
-                                        report=print)
+    from ccr_ray.features import CacheError
+
+    try:
+        info, action = ensure_feature_cache(cache, cfg.data, use_gpu=cfg.scaling.use_gpu, force=args.rebuild,
+                                            report=print)
+    except CacheError as err:
+        return fail(f"data.feature_cache: {err}")
     print(f"[{cfg.stage}] {action}: {info.folder} ({info.rows} images, {', '.join(info.features)}, "
           f"{len(info.files)} shards)")
     if args.prune_stale:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 from ccr_ray.config import DataConfig
 from ccr_ray.data import schema
+from ccr_ray.features import CacheError
 from ccr_ray.features.encoder import FeatureEncoder, encoder_columns
 from ccr_ray.features.keys import CacheKey, CacheRequest
 from ccr_ray.features.plan import FeatureCachePlan, ensure_cache
@@ -36,6 +37,7 @@ def build_feature_cache(request: CacheRequest, key: CacheKey, data: DataConfig, 
                         replace: bool = False, report: Callable[[str], None] | None = None) -> CacheInfo:
     """Encode the split with an actor pool and write the cache (see the module docstring)."""
     say = report or log.info
+    check_build_resources(data, use_gpu)
     files = schema.split_files(request.dataset_root, request.split)
     writer = CacheWriter(request, key)
     started = time.perf_counter()
@@ -67,6 +69,19 @@ def build_feature_cache(request: CacheRequest, key: CacheKey, data: DataConfig, 
     say(f"feature cache: wrote {info.folder}: {info.rows} images, {', '.join(info.features)}, "
         f"{info.meta['undecodable_images']} undecodable, {seconds:.1f}s ({info.rows / max(seconds, 1e-9):.0f} images/s)")
     return info
+
+
+def check_build_resources(data: DataConfig, use_gpu: bool) -> None:
+    """The actor pool must leave the read tasks a slot, or the build waits for ever: on 2 CPUs, one actor at 2
+    CPUs held both while the reads that feed it waited for a CPU (seen: the actor idle for 9 minutes)."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    held = data.cache_actors * data.cache_actor_cpus
+    if held + data.task_cpus > cpus + 1e-9:
+        raise CacheError(f"data.cache_actors x data.cache_actor_cpus = {held:g} CPUs, plus data.task_cpus = "
+                         f"{data.task_cpus:g} for the reads that feed them, is more than the cluster's {cpus:g}: the "
+                         f"build would wait for ever; lower data.cache_actor_cpus (e.g. {max(cpus - data.task_cpus, 0.5):g})")
 
 
 def ensure_feature_cache(plan: FeatureCachePlan, data: DataConfig, use_gpu: bool = False, force: bool = False,

@@ -74,10 +74,14 @@ def build_trainer(plan: StagePlan, callbacks: list | None = None, storage_path: 
     ray.data.DataContext.get_current().enable_progress_bars = False  # the train log shows progress instead
     cache = None
     if plan.feature_cache is not None and plan.feature_cache.applicable:
+        from ccr_ray.features import CacheError
         from ccr_ray.features.build import ensure_feature_cache
 
-        cache, _ = ensure_feature_cache(plan.feature_cache, cfg.data, use_gpu=cfg.scaling.use_gpu,
-                                        report=print)
+        try:
+            cache, _ = ensure_feature_cache(plan.feature_cache, cfg.data, use_gpu=cfg.scaling.use_gpu,
+                                            report=print)
+        except CacheError as err:
+            raise StageError(f"data.feature_cache: {err}") from None
     datasets, data_config = build_datasets(cfg, plan.stage, plan.dataset_root, plan.tokenizer_dir, plan.preprocess,
                                            plan.context_length, plan.train_languages, cache=cache,
                                            english_tokenizer=english_tokenizer_folder(plan.clip_cfg))

@@ -348,3 +348,18 @@ def test_cache_settings_are_checked_naming_the_field(micro_data, tmp_path, field
 
     with pytest.raises(ConfigError, match=f"data.{field}"):
         resolve_config("le", config(micro_data, tmp_path, data={field: value}))
+
+
+def test_a_cache_build_that_would_starve_its_reads_is_refused_before_it_starts(monkeypatch):
+    """On 2 CPUs one actor at 2 CPUs leaves the read tasks none: the build would wait for ever (seen). One line
+    naming the fields instead."""
+    import types
+
+    from ccr_ray.config import DataConfig
+    from ccr_ray.features import CacheError
+    from ccr_ray.features.build import check_build_resources
+
+    monkeypatch.setitem(__import__("sys").modules, "ray", types.SimpleNamespace(cluster_resources=lambda: {"CPU": 2.0}))
+    check_build_resources(DataConfig(cache_actors=1, cache_actor_cpus=1.5, task_cpus=0.5), use_gpu=False)
+    with pytest.raises(CacheError, match="data.cache_actor_cpus"):
+        check_build_resources(DataConfig(cache_actors=1, cache_actor_cpus=2.0, task_cpus=0.5), use_gpu=False)
