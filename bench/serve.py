@@ -1,25 +1,30 @@
-"""Retrieval-service benchmark: the Ray Serve app over HTTP against the same searches in one process, request
-batching on and off, and exact vs approximate image indexes on synthetic embeddings.
+"""Retrieval-service benchmark: the Ray Serve app over HTTP against a plain uvicorn app serving the same searches
+(the anchor), in one run; the same searches in one process; exact vs approximate image indexes on synthetic
+embeddings.
 
 Usage:
-    python bench/serve.py [--model DIR --index DIR] [--levels 1,8,32] [--requests 200] [--seconds 15] [--rounds 3]
-                          [--index-sizes 10000,1000000] [--index-dim 256] [--index-queries 500]
-                          [--index-data manifold,clustered]
-                          [--skip-http] [--skip-index] [--work DIR] [--out bench/results/serve.json]
+    python bench/serve.py [--model DIR --index DIR [--data DATASET]] [--levels 1,8,32] [--seconds 10] [--rounds 1]
+                          [--before CHECKOUT] [--variants JSON] [--index-sizes 10000,1000000] [--index-dim 256]
+                          [--index-queries 500] [--index-data manifold,clustered] [--skip-http] [--skip-index]
+                          [--work DIR] [--out bench/results/serve.json]
 
-1. HTTP: a local Ray (2 CPUs), Serve's proxy on 127.0.0.1 and three applications side by side, one per
-   batching mode, each one `Retrieval` replica (0.5 CPU, one onnxruntime and one faiss thread): batching on
-   (max_batch_size 16, 5 ms wait), on without waiting (16, 0 s: a batch is whatever queued while the previous
-   one ran) and off (max_batch_size 1). Closed-loop clients (aiohttp, in this process) send POST /search with
-   captions in every model language, k=10, at each of --levels concurrent clients; the modes take turns
-   (--rounds rounds, median reported) so load from elsewhere hits them alike: requests/s and p50/p95/p99
-   latency. Each run stops after --requests requests or --seconds seconds, whichever first (after 20 warm-up
-   requests).
+1. HTTP: three kinds of server, each started as a process of its own and all resident at once: the anchor
+   (bench/serve_anchor.py: FastAPI on uvicorn, one process, `RetrievalService.search_texts` per request, no
+   batching), the service as users start it (`export/serve.py` with its defaults: its own local Ray, one replica),
+   and optionally the same CLI of an earlier commit (--before, a `git worktree` of it: the "before" column) and
+   variants of the service (--variants '{"name": {"env": {"VAR": "1"}, "args": ["--batch-wait-ms", "0"]}}': an
+   environment and CLI arguments on top of the defaults, optionally of another checkout: "checkout": DIR). Closed-loop clients (bench/_httpload.py: aiohttp in this
+   process, one keep-alive HTTP/1.1 connection per client) send POST /search with captions in every model
+   language, k=10, for --seconds at each of --levels concurrent clients, the servers in turns (--rounds rounds,
+   median reported) so load from elsewhere hits them alike. Per server and level: requests/s, p50/p95/p99
+   latency, errors, the CPU time all its processes spent per request (/proc), and Serve's throughput over the
+   anchor's in the same round (`ratio_to_anchor`, median over rounds). The 1-minute load average is recorded
+   with every run: the machine is shared.
    Beside it, the same searches through `RetrievalService` in this process (1 thread): one query per call,
    and 16 per call (what one full batch costs).
    The model: --model/--index, else the demo architecture (tiny-vit, M-BERT-width token table, MLA, five
-   languages) with random weights, exported and indexed over 512 generated images (speed does not depend on
-   the weights). Everything runs on this machine's cores, clients included: figures are a floor for a server.
+   languages) with random weights, exported and indexed (HNSW) over 512 generated images (speed does not depend
+   on the weights). Everything runs on this machine's cores, clients included: figures are a floor for a server.
 2. Index: synthetic unit vectors (--index-dim) at each of --index-sizes, of two kinds: `manifold` (a 16-dim
    subspace plus noise: neighbour similarities fall off gradually, as in real embeddings; `index.manifold_vectors`)
    and `clustered` (a mixture of 1,000 directions with wide noise: at 1M, each query's top 10 are nearly tied
@@ -39,11 +44,9 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # o
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
-import asyncio  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
-import socket  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -51,166 +54,86 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+from _httpload import percentiles, run_closed_loop, search_requests  # noqa: E402
 from _report import write_report  # noqa: E402
+from _servers import bench_model, query_pool, start_anchor, start_serve  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-APP = "ccr-ray-bench"
 K = 10
-WARMUP = 20
-
-
-def percentiles(latencies: list[float]) -> dict:
-    if not latencies:
-        return {}
-    ms = np.asarray(latencies) * 1000
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p95_ms": round(float(np.percentile(ms, 95)), 2),
-            "p99_ms": round(float(np.percentile(ms, 99)), 2), "mean_ms": round(float(ms.mean()), 2)}
-
-
-# ------------------------------------------------------------------------------------------------ model
-
-
-def bench_model(work: Path) -> tuple[str, str, str]:
-    """The demo architecture with random weights, exported (fp32), its 512 generated images embedded and
-    indexed exactly. Returns (model dir, index dir, data dir)."""
-    import torch
-
-    from ccr_ray.config import load_config_file
-    from ccr_ray.data.synthetic import DemoDataConfig, write_demo_dataset
-    from ccr_ray.export.onnx_export import export_checkpoint, resolve_plan
-    from ccr_ray.inference.embeddings import embed_split_local
-    from ccr_ray.inference.index import build_index, embeddings_source
-    from ccr_ray.stages import resolve_config
-    from ccr_ray.train.state import TrainState
-
-    torch.set_num_threads(1)
-    data = work / "data"
-    write_demo_dataset(DemoDataConfig(out=str(data), sizes={"train": 64, "val": 64, "test": 512}, image_size=64,
-                                      seed=1, shard_size=512, tokenizer_vocab=4000, workers=1))
-    demo = load_config_file("demo")
-    cfg = resolve_config("le", {"model": demo["model"], "data": {"pretrain": str(data), "downstream": str(data)},
-                                "run": {"home": str(work / "home"), "experiment": "bench"}})
-    ckpt = TrainState.create(cfg, str(data / "tokenizer"), None, "cpu").save(work / "checkpoint",
-                                                                             with_optimizer=False)
-    plan, model, meta = resolve_plan(str(ckpt), str(work / "onnx"), data=str(data))
-    export_checkpoint(plan, model, meta)
-    embed_split_local(str(work / "onnx"), str(data), work / "embeddings")
-    source = embeddings_source(work / "embeddings")
-    build_index(source.batches(), "exact", meta={"model": source.sidecar["model"]}).save(work / "index")
-    return str(work / "onnx"), str(work / "index"), str(data)
-
-
-def query_pool(model: str, data: str | None, n: int = 64) -> list[tuple[str, str]]:
-    """Captions in every model language (the dataset's test captions when there is one, else fixed ones)."""
-    from ccr_ray import runtime as rt
-
-    languages = rt.load_manifest(model)["languages"]
-    if data:
-        from ccr_ray.data import schema
-
-        table = schema.read_split_table(data, "test", languages, with_images=False)
-        pool = [(caps[0], lang) for lang in languages if schema.captions_column(lang) in table.column_names
-                for caps in table[schema.captions_column(lang)].to_pylist()[: max(1, n // len(languages))]]
-        if pool:
-            return pool
-    return [(f"a red circle at the top left {i}", "en") for i in range(n)]
 
 
 # ------------------------------------------------------------------------------------------------ HTTP
 
 
-async def closed_loop(url: str, pool: list, clients: int, max_requests: int, max_seconds: float) -> dict:
-    import aiohttp
-
-    latencies: list[float] = []
-    errors = 0
-    issued = 0
-    connector = aiohttp.TCPConnector(limit=clients)
-    timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        async def one(i: int) -> None:
-            nonlocal errors
-            text, lang = pool[i % len(pool)]
-            start = time.perf_counter()
-            try:
-                async with session.post(f"{url}/search", json={"text": text, "lang": lang, "k": K}) as response:
-                    await response.read()
-                    ok = response.status == 200
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                ok = False
-            if ok:
-                latencies.append(time.perf_counter() - start)
-            else:
-                errors += 1
-
-        for i in range(WARMUP):
-            await one(i)
-        latencies.clear()
-        deadline = time.perf_counter() + max_seconds
-        started = time.perf_counter()
-
-        async def client() -> None:
-            nonlocal issued
-            while issued < max_requests and time.perf_counter() < deadline:
-                issued += 1
-                await one(issued)
-
-        await asyncio.gather(*(client() for _ in range(clients)))
-        elapsed = time.perf_counter() - started
-    return {"clients": clients, "requests": len(latencies), "errors": errors, "seconds": round(elapsed, 2),
-            "requests_per_s": round(len(latencies) / elapsed, 1), **percentiles(latencies)}
+def measure(server, pool: list, clients: int, seconds: float) -> dict:
+    """One closed-loop run against a server, with the CPU its processes spent during it, per request and per
+    component (replica, HAProxy, Serve's proxy, controller, the rest of Ray, the CLI)."""
+    before = server.cpu_by_component()
+    result = run_closed_loop(server.url, search_requests(pool, K), clients, seconds)
+    after = server.cpu_by_component()
+    spent = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    cpu = sum(spent.values())
+    n = max(1, result["requests"])
+    result["cpu_s"] = round(cpu, 2)
+    result["cpu_ms_per_request"] = round(1000 * cpu / n, 3) if result["requests"] else None
+    result["cpu_ms_per_request_by_component"] = {k: round(1000 * v / n, 3) for k, v in sorted(spent.items())}
+    result["load_average_1m"] = round(os.getloadavg()[0], 2)
+    result.pop("kinds", None)
+    result.pop("bad_requests_answered_4xx", None)
+    return result
 
 
-MODES = {"batching_on": {"max_batch_size": 16, "batch_wait_timeout_s": 0.005},
-         "batching_on_no_wait": {"max_batch_size": 16, "batch_wait_timeout_s": 0.0},
-         "batching_off": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}}
-
-
-def http_bench(model: str, index: str, pool: list, levels: list[int], max_requests: int, max_seconds: float,
-               rounds: int) -> dict:
-    """One application per batching mode, resident side by side (one replica each, 0.5 CPU, one thread), and
-    the modes measured round-robin at each level, so load from anything else on the machine hits them alike;
-    per mode and level the median over rounds."""
-    import ray
-    from ray import serve
-
-    from ccr_ray.serve.app import build_app
-
-    temp = tempfile.mkdtemp(prefix="ccrbench-", dir="/tmp")
-    ray.init(address="local", num_cpus=2, _temp_dir=temp, log_to_driver=False, include_dashboard=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    out = {mode: {"user_config": batch, "levels": {}} for mode, batch in MODES.items()}
+def http_bench(model: str, index: str, pool: list, levels: list[int], seconds: float, rounds: int, work: Path,
+               variants: dict, before: str | None) -> dict:
+    """The anchor, export/serve.py with its defaults and every variant, all resident at once, measured in turns at
+    each level (round-robin, --rounds rounds) so load from elsewhere on the machine hits them alike; per server and
+    level the median over rounds, and Serve's throughput over the anchor's in the same rounds."""
+    specs = {"serve": {}}
+    if before:
+        specs["before"] = {"checkout": before}
+    specs.update(variants)
+    servers = {}
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for mode, batch in MODES.items():
-            serve.run(build_app({"model": model, "index": index, "num_replicas": 1, "num_cpus": 0.5, "threads": 1,
-                                 "max_ongoing_requests": 64, "user_config": batch}),
-                      name=f"{APP}-{mode}", route_prefix=f"/{mode}")
+        servers["anchor"] = start_anchor(model, index, work)
+        for name, spec in specs.items():
+            started = time.perf_counter()
+            servers[name] = start_serve(name, model, index, work, env=spec.get("env"), args=spec.get("args"),
+                                        checkout=spec.get("checkout"))
+            print(f"[http] {name} up in {time.perf_counter() - started:.0f} s: {servers[name].url} "
+                  f"({servers[name].info['command']}; env {spec.get('env') or {}})", flush=True)
+        out = {name: {"info": server.info, "levels": {}} for name, server in servers.items()}
         for clients in levels:
-            runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
+            runs: dict[str, list[dict]] = {name: [] for name in servers}
             for _ in range(rounds):
-                for mode in MODES:
-                    runs[mode].append(asyncio.run(closed_loop(f"{url}/{mode}", pool, clients,
-                                                              max_requests, max_seconds)))
-            for mode, results in runs.items():
-                summary = {key: statistics.median(r[key] for r in results)
-                           for key in ("requests_per_s", "p50_ms", "p95_ms", "p99_ms") if all(key in r for r in results)}
-                summary.update(clients=clients, rounds=results, errors=sum(r["errors"] for r in results))
-                out[mode]["levels"][str(clients)] = summary
-                print(f"[http {mode}] {clients:3d} clients: {summary['requests_per_s']:7.1f} req/s, "
-                      f"p50 {summary.get('p50_ms')} ms, p95 {summary.get('p95_ms')} ms, p99 {summary.get('p99_ms')} "
-                      f"ms (median of {rounds}), {summary['errors']} errors", flush=True)
+                for name, server in servers.items():
+                    runs[name].append(measure(server, pool, clients, seconds))
+            for name, results in runs.items():
+                summary = {key: round(statistics.median(r[key] for r in results), 3)
+                           for key in ("requests_per_s", "p50_ms", "p95_ms", "p99_ms", "cpu_ms_per_request")
+                           if all(r.get(key) is not None for r in results)}
+                summary.update(clients=clients, errors=sum(r["errors"] for r in results), rounds=results)
+                parts = {k for r in results for k in r["cpu_ms_per_request_by_component"]}
+                summary["cpu_ms_per_request_by_component"] = {
+                    k: round(statistics.median(r["cpu_ms_per_request_by_component"].get(k, 0.0) for r in results), 3)
+                    for k in sorted(parts)}
+                if name != "anchor":
+                    ratios = [r["requests_per_s"] / a["requests_per_s"] for r, a in zip(results, runs["anchor"])
+                              if a["requests_per_s"]]
+                    summary["ratio_to_anchor"] = round(statistics.median(ratios), 3) if ratios else None
+                out[name]["levels"][str(clients)] = summary
+                print(f"[http {name}] {clients:3d} clients: {summary.get('requests_per_s', 0):7.1f} req/s, p50 "
+                      f"{summary.get('p50_ms')} / p99 {summary.get('p99_ms')} ms, "
+                      f"{summary.get('cpu_ms_per_request')} CPU ms/request"
+                      + (f", {summary['ratio_to_anchor']}x the anchor" if summary.get("ratio_to_anchor") else "")
+                      + f" (median of {rounds}), {summary['errors']} errors; CPU ms/request by component "
+                      + str(summary["cpu_ms_per_request_by_component"]), flush=True)
     finally:
-        serve.shutdown()
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
+        for server in servers.values():
+            server.stop()
     return out
 
 
-def in_process_bench(model: str, index: str, pool: list, max_requests: int, max_seconds: float) -> dict:
+def in_process_bench(model: str, index: str, pool: list, max_seconds: float) -> dict:
     from ccr_ray.serve.service import RetrievalService
 
     service = RetrievalService(model, index, threads=1)
@@ -222,7 +145,7 @@ def in_process_bench(model: str, index: str, pool: list, max_requests: int, max_
         started = time.perf_counter()
         deadline = started + max_seconds
         i = 0
-        while queries < max_requests and time.perf_counter() < deadline:
+        while time.perf_counter() < deadline:
             items = [(*pool[(i + j) % len(pool)], K) for j in range(per_call)]
             start = time.perf_counter()
             service.search_texts(items)
@@ -315,9 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index")
     parser.add_argument("--data", help="dataset whose test captions are the queries (default: the bench model's)")
     parser.add_argument("--levels", default="1,8,32")
-    parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--seconds", type=float, default=15.0)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--before", help="a checkout (git worktree) of an earlier commit: its export/serve.py too")
+    parser.add_argument("--variants", default="{}", help="JSON {name: {env: {...}, args: [...], checkout: DIR}}")
     parser.add_argument("--index-sizes", default="10000,1000000")
     parser.add_argument("--index-dim", type=int, default=256)
     parser.add_argument("--index-queries", type=int, default=500)
@@ -330,14 +254,34 @@ def main(argv: list[str] | None = None) -> int:
     if bool(args.model) != bool(args.index):
         print("error: give --model and --index together", file=sys.stderr)
         return 2
+    try:
+        variants = json.loads(args.variants)
+        if not isinstance(variants, dict) or not all(isinstance(v, dict) and set(v) <= {"env", "args", "checkout"}
+                                                     for v in variants.values()):
+            raise ValueError("not {name: {env: {...}, args: [...], checkout: DIR}}")
+    except ValueError as err:
+        print(f"error: --variants: {err}", file=sys.stderr)
+        return 2
+    if args.before and not (Path(args.before) / "export" / "serve.py").is_file():
+        print(f"error: --before: {args.before} has no export/serve.py", file=sys.stderr)
+        return 2
+    levels = [int(v) for v in args.levels.split(",")]
+    if not levels or min(levels) < 1 or args.seconds <= 0 or args.rounds < 1:
+        print("error: --levels must be positive integers, --seconds > 0, --rounds >= 1", file=sys.stderr)
+        return 2
     from ccr_ray.cli import quiet_ray_env
 
     quiet_ray_env()
     report: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                 "load_average_start": list(os.getloadavg())},
-                    "settings": {"k": K, "levels": args.levels, "max_requests": args.requests,
-                                 "max_seconds": args.seconds, "threads": 1}}
+                    "settings": {"k": K, "levels": levels, "seconds": args.seconds, "rounds": args.rounds,
+                                 "before": args.before, "variants": variants},
+                    "command": " ".join(["python bench/serve.py", *(argv if argv is not None else sys.argv[1:])])}
+    report["settings"]["commit"] = git_commit(REPO)
+    if args.before:
+        report["settings"]["before_commit"] = git_commit(args.before)
     work = Path(args.work or tempfile.mkdtemp(prefix="ccr-serve-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
     try:
         if not args.skip_http:
             model, index, data = (args.model, args.index, args.data) if args.model else bench_model(work)
@@ -348,11 +292,13 @@ def main(argv: list[str] | None = None) -> int:
             loaded = Index.load(index)
             report["model"] = {"dir": model, "languages": manifest["languages"], "embed_dim": manifest["embed_dim"],
                                "backbone": manifest["model"].get("backbone"), "random_weights": not args.model,
-                               "index": {"kind": loaded.kind, "images": len(loaded)}}
+                               "index": {"kind": loaded.kind, "images": len(loaded), "params": loaded.params}}
             pool = query_pool(model, data)
-            levels = [int(v) for v in args.levels.split(",")]
-            report["in_process"] = in_process_bench(model, index, pool, args.requests, args.seconds)
-            report["http"] = http_bench(model, index, pool, levels, args.requests, args.seconds, args.rounds)
+            report["in_process"] = in_process_bench(model, index, pool, args.seconds)
+            report["http"] = http_bench(model, index, pool, levels, args.seconds, args.rounds, work, variants,
+                                        args.before)
+            report["table"] = ratio_table(report["http"], levels)
+            print(report["table"])
         if not args.skip_index:
             sizes = [int(v) for v in args.index_sizes.split(",")]
             report["index"] = {data: index_bench(sizes, args.index_dim, args.index_queries, data)
@@ -362,8 +308,29 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     report["machine"]["load_average_end"] = list(os.getloadavg())
     write_report(report, args.out)
-    print(json.dumps({k: report[k] for k in ("http", "in_process") if k in report}, indent=1)[:4000])
     return 0
+
+
+def git_commit(checkout) -> str:
+    import subprocess
+
+    return subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+
+
+def ratio_table(http: dict, levels: list[int]) -> str:
+    """The README's serving table: per level, every server's req/s, p50/p99 and ratio to the anchor."""
+    names = list(http)
+    lines = ["| clients | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for clients in levels:
+        cells = []
+        for name in names:
+            row = http[name]["levels"].get(str(clients), {})
+            ratio = f", **{row['ratio_to_anchor']:.2f}x**" if row.get("ratio_to_anchor") is not None else ""
+            cells.append(f"{row.get('requests_per_s', 0):,.0f} req/s, p50 {row.get('p50_ms')} / p99 "
+                         f"{row.get('p99_ms')} ms{ratio}")
+        lines.append(f"| {clients} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
