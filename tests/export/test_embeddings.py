@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -115,9 +116,17 @@ def test_search_equals_ranking_by_pytorch_features(embeddings, mla_export, mla_c
     assert "--lang" in capsys.readouterr().err
 
 
-def test_search_refuses_embeddings_of_another_model(embeddings, dasd_export, capsys):
+def test_search_refuses_embeddings_of_another_image_tower(embeddings, dasd_export, tmp_path, capsys):
+    """Image embeddings depend on the image tower alone: the DASD model trained beside the MLA one (same frozen
+    tower) searches MLA's embeddings; embeddings made by another image tower are refused."""
     cli = load_cli("search")
-    assert cli.main(["--model", dasd_export, "--embeddings", embeddings, "--lang", "de", "x"]) == 2
+    assert cli.main(["--model", dasd_export, "--embeddings", embeddings, "--lang", "de", "x"]) == 0
+    capsys.readouterr()
+    other = Path(shutil.copytree(embeddings, tmp_path / "other"))
+    sidecar = json.loads((other / "embeddings.json").read_text())
+    sidecar["model"].update(fingerprint="0" * 64, image_fingerprint="1" * 64)
+    (other / "embeddings.json").write_text(json.dumps(sidecar))
+    assert cli.main(["--model", dasd_export, "--embeddings", str(other), "--lang", "de", "x"]) == 2
     assert "re-run export/embed.py" in capsys.readouterr().err
 
 

@@ -178,7 +178,11 @@ def test_search_cli_reads_an_index_and_refuses_another_models(demo_model, tmp_pa
     assert json.loads(capsys.readouterr().out.strip()) == answers["exact"]
     other = shutil.copytree(demo_model["hnsw"], tmp_path / "other")
     meta = json.loads((other / ix.META_FILE).read_text())
-    meta["model"]["fingerprint"] = "0" * 64
+    meta["model"]["fingerprint"] = "0" * 64  # another model with the same image tower: its index still serves
+    (other / ix.META_FILE).write_text(json.dumps(meta))
+    assert cli.main(["--model", demo_model["model"], "--index", str(other), "--lang", "de", "x"]) == 0
+    capsys.readouterr()
+    meta["model"]["image_fingerprint"] = "1" * 64  # another image tower: refused
     (other / ix.META_FILE).write_text(json.dumps(meta))
     assert cli.main(["--model", demo_model["model"], "--index", str(other), "--lang", "de", "x"]) == 2
     assert "re-run export/embed.py" in capsys.readouterr().err
@@ -188,7 +192,7 @@ def test_serve_cli_refuses_bad_input_before_starting_anything(demo_model, tmp_pa
     cli = load_cli("serve")
     other = shutil.copytree(demo_model["exact"], tmp_path / "other")
     meta = json.loads((other / ix.META_FILE).read_text())
-    meta["model"]["fingerprint"] = "0" * 64
+    meta["model"].update(fingerprint="0" * 64, image_fingerprint="1" * 64)  # images of another image tower
     (other / ix.META_FILE).write_text(json.dumps(meta))
     cases = [
         (["--index", str(other)], "--index"),
