@@ -229,13 +229,13 @@ def _search(spec: SweepSpec, limit: int):
 def _scheduler(spec: SweepSpec):
     if spec.scheduler == "none":
         return None
-    from ray.tune.schedulers import ASHAScheduler
+    from ccr_ray.tune.asha import RungKeepingASHA
 
     # training_iteration counts forwarded reports = validations, so the rungs are in validations. max_t is one past
     # the last validation: at max_t ASHA stops a trial itself, which would kill the trial's driver at its final
     # report, before it publishes its checkpoint; this way a trial that survives every rung ends on its own
-    return ASHAScheduler(time_attr="training_iteration", max_t=spec.extra["validations"] + 1, grace_period=1,
-                         reduction_factor=2)
+    return RungKeepingASHA(time_attr="training_iteration", max_t=spec.extra["validations"] + 1, grace_period=1,
+                           reduction_factor=2)
 
 
 def to_tune(domain: Domain):
