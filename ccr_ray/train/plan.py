@@ -202,6 +202,9 @@ def _first_difference(a: Any, b: Any, path: str) -> str | None:
 def plan_stage(cfg: ExperimentConfig, config_source: str | None = None) -> StagePlan:
     """Every check that can fail without a cluster, with messages naming the field or path."""
     stage = STAGES[cfg.stage]
+    # {home} is resolved here, once: a Ray worker may not see the CCR_RAY_HOME this process was given (a local Ray
+    # started before it was set), and would read {home}/models/... from ~/ccr_ray instead
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, home=str(cfg.home)))
     parent = _parent_checkpoint(cfg, stage, config_source)
     if cfg.model.add_languages:
         cfg = _extending(cfg, stage, parent)
