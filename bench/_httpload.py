@@ -85,9 +85,10 @@ async def closed_loop(url: str, requests_for: Callable[[int], Request], clients:
         async def windows() -> None:
             if not window_s or on_window is None:
                 return
-            begin, lat_at, err_at = started, 0, 0
-            while begin + window_s <= deadline + 1e-6:
-                await asyncio.sleep(max(0.0, begin + window_s - time.perf_counter()))
+            begin, lat_at, err_at, k = started, 0, 0, 1
+            while started + k * window_s <= deadline + 1e-6:  # window k closes at started + k * window_s
+                await asyncio.sleep(max(0.0, started + k * window_s - time.perf_counter()))
+                k += 1
                 end = time.perf_counter()
                 window = latencies[lat_at:]
                 on_window({"start_s": round(begin - started, 1), "seconds": round(end - begin, 2),

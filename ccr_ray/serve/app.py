@@ -203,22 +203,39 @@ class Retrieval:
         # Captions and images are batched per replica (ccr_ray/serve/batching.py): a batch runs in a worker thread,
         # so the event loop keeps queueing the next one (and answering health checks) while onnxruntime and faiss
         # compute; a lone request starts at once, a batch waits only for requests already on their way.
-        self._search_batch = Batcher(self.service.search_texts, arrivals=request_batching.ARRIVALS, name="search")
+        # The batchers look the service up per batch (self.service), so a model swapped in by reconfigure serves
+        # the next batch while a batch already computing finishes on the old one.
+        self._search_batch = Batcher(self._search_texts, arrivals=request_batching.ARRIVALS, name="search")
         self._text_batch = Batcher(self._embed_texts, arrivals=request_batching.ARRIVALS, name="text")
         self._image_batch = Batcher(self._embed_images, arrivals=request_batching.ARRIVALS, name="image")
-        self.reconfigure({})
+        self._apply(*self._parse({}))
 
-    def reconfigure(self, config: dict) -> None:
-        """user_config: {"max_batch_size", "batch_wait_timeout_s", "limits": {...}}; unknown keys refused."""
+    async def reconfigure(self, config: dict) -> None:
+        """user_config: {"max_batch_size", "batch_wait_timeout_s", "limits": {...}, "model": EXPORT}; unknown keys
+        refused. "model" swaps the replica's model for another export of it (a language added): the new runtime
+        loads and warms up in a worker thread while this one keeps answering, keeps the index (checked against
+        the new export's image-tower fingerprint: a mismatch fails the update and the replica keeps its model),
+        and takes over between two requests. Serve applies a user_config change without replacing replicas."""
         config = dict(config or {})
+        model = config.pop("model", None)
+        settings = self._parse(config)  # a bad config fails before anything is loaded
+        if model and os.path.realpath(os.path.expanduser(str(model))) != os.path.realpath(self.service.model_dir):
+            self.service = await asyncio.to_thread(self.service.with_model, os.path.expanduser(str(model)))
+        self._apply(*settings)
+
+    @staticmethod
+    def _parse(config: dict) -> tuple[Limits, int, float]:
         unknown = sorted(set(config) - {*DEFAULT_BATCH, "limits"})
         if unknown:
             raise ValueError(f"user_config: unknown {', '.join(unknown)}")
-        self.service.limits = ActiveLimits.current = Limits.from_dict(config.get("limits"))
         size = int(config.get("max_batch_size", DEFAULT_BATCH["max_batch_size"]))
         wait = float(config.get("batch_wait_timeout_s", DEFAULT_BATCH["batch_wait_timeout_s"]))
         if size < 1 or wait < 0:
             raise ValueError("user_config: max_batch_size must be >= 1 and batch_wait_timeout_s >= 0")
+        return Limits.from_dict(config.get("limits")), size, wait
+
+    def _apply(self, limits: Limits, size: int, wait: float) -> None:
+        self.service.limits = ActiveLimits.current = limits
         for batcher in (self._search_batch, self._text_batch, self._image_batch):
             batcher.max_batch_size, batcher.wait_s = size, wait
         self.batching = {"max_batch_size": size, "batch_wait_timeout_s": wait}
@@ -226,6 +243,9 @@ class Retrieval:
     def check_health(self) -> None:
         if self.service.index is None or self.service.encoder is None:
             raise RuntimeError("service not loaded")
+
+    def _search_texts(self, items: list[tuple[str, str, int]]) -> list:
+        return self.service.search_texts(items)
 
     def _embed_texts(self, items: list[tuple[str, str]]) -> list:
         return list(self.service.embed_texts(items))
