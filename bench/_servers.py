@@ -177,6 +177,11 @@ def start_serve(name: str, model: str, index: str, work: Path, *, images: str | 
                                    start_new_session=True)
     server = Server(name, f"http://127.0.0.1:{port}", process, log, scratch,
                     {"command": " ".join(command[1:]), "env": env or {}, "checkout": str(root)})
+    return ready_or_stopped(server, timeout)
+
+
+def ready_or_stopped(server: Server, timeout: float) -> Server:
+    """The server once its /healthz answers; stopped (and the error raised) when it never does."""
     try:
         wait_ready(server, "/healthz", timeout)
     except Exception:
@@ -194,12 +199,7 @@ def start_anchor(model: str, index: str, work: Path, timeout: float = 300) -> Se
         process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     server = Server("anchor", f"http://127.0.0.1:{port}", process, log, None, {"command": " ".join(command[1:])})
-    try:
-        wait_ready(server, "/healthz", timeout)
-    except Exception:
-        server.stop()
-        raise
-    return server
+    return ready_or_stopped(server, timeout)
 
 
 def bench_model(work: Path) -> tuple[str, str, str]:

@@ -206,11 +206,8 @@ def _read_tensors(cur: _Cursor, shape: BertShape) -> dict[str, np.ndarray]:
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _open(path: Path) -> _Cursor:

@@ -22,6 +22,15 @@ SCHEDULE = {"clip": (400, 2e-3), "nlt": (800, 3e-3), "le": (100, 1e-4)}
 BATCH = 32
 
 
+def wait_until(condition, what: str, timeout: float = 120) -> float:
+    """Poll `condition` (an event the test waits for, never a guess at a duration); the time it came true."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
+        time.sleep(0.1)
+    return time.monotonic()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from tests.conftest import micro_config
-from tests.serve.conftest import BATCH, LANGS
+from tests.serve.conftest import BATCH, LANGS, wait_until
 
 pytestmark = pytest.mark.ray
 APP = "ccr-ray"
@@ -129,12 +129,6 @@ def test_the_service_takes_the_new_language_without_a_failed_request(serve_port,
                 except requests.RequestException:
                     log.append((time.monotonic(), -1, caption, None))
 
-    def wait_until(condition, what: str, timeout: float = 180) -> float:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
-            time.sleep(0.1)
-        return time.monotonic()
 
     def has_new_language() -> bool:
         try:
@@ -149,7 +143,7 @@ def test_the_service_takes_the_new_language_without_a_failed_request(serve_port,
     wait_until(lambda: len(log) >= 20, "the load to run")  # requests in flight, whatever the speed
     update_at = time.monotonic()
     deploy(model=merged_export)  # the update: returns once the application runs the new config
-    switched_at = wait_until(has_new_language, "the new language")
+    switched_at = wait_until(has_new_language, "the new language", timeout=180)
     wait_until(lambda: sum(t > switched_at for t, *_ in log) >= 30, "30 answers after the switch")
     stop.set()
     for thread in clients:

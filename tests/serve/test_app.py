@@ -16,6 +16,8 @@ import pytest
 import requests
 from PIL import Image
 
+from tests.serve.conftest import wait_until
+
 pytestmark = pytest.mark.ray
 
 APP = "ccr-ray"
@@ -286,12 +288,6 @@ def test_a_replica_killed_under_load_is_replaced_and_every_request_after_recover
     def answered_since(moment: float, count: int) -> bool:
         return sum(t > moment for t, _ in log) >= count
 
-    def wait_until(condition, what: str, timeout: float = 120) -> float:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
-            time.sleep(0.1)
-        return time.monotonic()
 
     clients = [threading.Thread(target=load, daemon=True) for _ in range(4)]
     for client in clients:
