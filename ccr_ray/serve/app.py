@@ -9,7 +9,8 @@ torch-free runtime, the image index and the image store, loaded once per replica
 
 Captions and images are queued per replica and run in batches (ccr_ray/serve/batching.py: a lone request starts
 at once, a batch takes what is waiting); a search batch is encoded language by language and goes through the
-index in one search. The batch size and wait, and every input limit, are the deployment's `user_config` (changed
+index in one search. The batch size and wait, every input limit, and the model export itself (`"model"`: another
+export of the same model, e.g. a language added; the index is kept) are the deployment's `user_config` (changed
 live by `serve deploy`); replicas and autoscaling are deployment options (cluster/serve/serve_config.yaml, or
 `build_app` args). Every refused request gets a 4xx JSON answer {"detail": "<field>: <why>", "field": "<field>"}.
 """
