@@ -22,7 +22,11 @@ RESULT_FILE = "result.json"
 
 def reported_results(trial: Trial) -> list[dict]:
     """The results a trial reported before the sweep stopped, read from its folder (local or object store)."""
-    fs, path = trial.storage.storage_filesystem, f"{trial.path}/{RESULT_FILE}"
+    try:
+        path = f"{trial.path}/{RESULT_FILE}"
+    except RuntimeError:  # a trial added for the first time: Tune names its folder only when it starts
+        return []
+    fs = trial.storage.storage_filesystem
     try:
         with fs.open_input_stream(path) as stream:
             text = stream.readall().decode()

@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from ccr_ray.storage import Location
 SWEEP_FILE = "sweep.json"
 EVENTS_DIR = "events"
 METRIC = "val/mR"
+TUNE_TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5})_")  # an experiment's 5 hex digits, the trial's index
 COMPLETED, STOPPED, ERROR, UNFINISHED = "completed", "stopped early", "error", "unfinished"
 
 
@@ -98,7 +100,7 @@ def collect_trials(sweep_dir: str | os.PathLike | Location) -> list[TrialRecord]
         results = read_jsonl(folder / "result.json")
         trial_id = next((r["trial_id"] for r in results if "trial_id" in r), None)
         if trial_id is None:
-            trial_id = _trial_id_from_events(sweep_dir, folder) or folder.name
+            trial_id = _trial_id_from_events(sweep_dir, folder) or _trial_id_in_name(folder.name)
         record = records.setdefault(trial_id, TrialRecord(trial_id, json.loads(params_file.read_text())))
         for row in results:
             if METRIC in row and "step" in row:
@@ -121,6 +123,14 @@ def collect_trials(sweep_dir: str | os.PathLike | Location) -> list[TrialRecord]
         elif record.status != ERROR and finished:
             record.status = STOPPED  # Tune ended the sweep and the trial never reached its last step: ASHA
     return sorted(records.values(), key=lambda r: r.trial_id)
+
+
+def _trial_id_in_name(name: str) -> str:
+    """Tune names a trial's folder `{trainable}_{trial_id}_{index}_{values}_{time}`. A trial the driver's kill caught
+    before its first report can have two folders (Tune's last snapshot did not name the first one yet, so the resume
+    made another): both are the one trial."""
+    found = TUNE_TRIAL_ID.search(name)
+    return found.group(1) if found else name
 
 
 def _trial_id_from_events(sweep_dir: Location, folder: Location) -> str | None:

@@ -52,12 +52,17 @@ def test_sweep_stops_weak_trials_survives_a_killed_driver_and_reports(ray_local,
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
            "PYTHONPATH": f"{REPO}:{REPO / 'jobs'}"}
     gate = Gate(str(tmp_path / "gate"), 0)
-    proc = subprocess.Popen([sys.executable, "-m", "tests.ray.drills", "--gate-folder", gate.folder, "tune", *args],
-                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    gate.wait_reached(running=lambda: proc.poll() is None)
-    before = wait_for(lambda: finished_trials(sweep_dir), 300, "the first trial's end event",
-                      running=lambda: proc.poll() is None)
+    driver_log = tmp_path / "driver.log"
+    with open(driver_log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tests.ray.drills", "--gate-folder", gate.folder, "tune",
+                                 *args], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        gate.wait_reached(running=lambda: proc.poll() is None)
+        before = wait_for(lambda: finished_trials(sweep_dir), 300, "the first trial's end event",
+                          running=lambda: proc.poll() is None)
+    except AssertionError as err:  # the driver's own words say why
+        raise AssertionError(f"{err}; driver exit {proc.poll()}, its log:\n{driver_log.read_text()[-4000:]}") from None
     assert len(before) == 1
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -43,3 +43,18 @@ def test_a_restored_trials_rungs_still_stop_a_weak_trial(tmp_path, kind, expecte
 
 def test_reported_results_of_a_trial_without_results(tmp_path):
     assert reported_results(trial(tmp_path, "new")) == []
+
+
+def test_a_new_trial_without_a_folder_yet_has_no_results():
+    # a fresh sweep's trials: Tune's Trial.path raises until the trial starts (the CI failure of a plain `tune`)
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+
+    storage = StorageContext(storage_path="/tmp", experiment_dir_name="asha-new-trial")
+    fresh = Trial("run_trial", config={}, stub=True, storage=storage)
+    with pytest.raises(RuntimeError):
+        _ = fresh.path
+    assert reported_results(fresh) == []
+    asha = scheduler(RungKeepingASHA)
+    asha.on_trial_add(None, fresh)  # no error, nothing replayed
+    assert asha._trial_info[fresh.trial_id] is not None

@@ -158,3 +158,19 @@ def test_report_renders_table_csv_best_and_plots(tmp_path):
     for png in ("sweep_values.png", "sweep_curves.png"):
         assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "1.10x" in text  # the sweep machinery's cost
+
+
+def test_a_trial_with_a_second_folder_after_a_resume_is_one_trial(tmp_path):
+    # the driver was killed while a trial waited at its start, before Tune's snapshot named its folder: the resume
+    # ran it in a new folder, and the first stays behind with params and no results (seen in tests/ray/test_tune.py)
+    folder = fake_sweep(tmp_path / "s")
+    resumed = folder / "tune" / "run_trial_t2_1"
+    orphan = folder / "tune" / "run_trial_a33a4_00001_1_optim_lr=0.0001_2026-12-07_11-17-11"
+    orphan.mkdir()
+    (orphan / "params.json").write_text((resumed / "params.json").read_text())
+    (orphan / "result.json").write_text("")
+    (resumed / "result.json").write_text((resumed / "result.json").read_text().replace('"t2"', '"a33a4_00001"'))
+    (folder / "trials" / "t2").rename(folder / "trials" / "a33a4_00001")
+    records = {r.trial_id: r for r in report.collect_trials(folder)}
+    assert sorted(records) == ["a33a4_00001", "t1", "t3"]
+    assert records["a33a4_00001"].curve == [(2, 5.0)] and records["a33a4_00001"].attempts == 1
