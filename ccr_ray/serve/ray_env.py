@@ -38,10 +38,11 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import socket
 import sys
 from collections.abc import MutableMapping
 from pathlib import Path
+
+from ccr_ray.net import free_port
 
 SERVE_ENV: dict[str, str] = {
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",  # Serve's default: 5
@@ -96,12 +97,6 @@ def apply_serve_env(environ: MutableMapping[str, str] | None = None) -> dict[str
 def haproxy_enabled(environ: MutableMapping[str, str] | None = None) -> bool:
     environ = os.environ if environ is None else environ
     return environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def local_ingress_env(folder: str | os.PathLike, environ: MutableMapping[str, str] | None = None) -> dict[str, str]:

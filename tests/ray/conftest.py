@@ -4,21 +4,15 @@ S3 server (moto, on 127.0.0.1) standing in for an object store."""
 import contextlib
 import logging
 import os
-import socket
 
 import pytest
 
+from ccr_ray.net import free_port
 from tests.conftest import private_ray
 
 pytestmark = pytest.mark.ray
 BUCKET = "ccr-test"
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

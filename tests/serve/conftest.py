@@ -3,13 +3,15 @@ test-split embeddings and indexes; a private local Ray with Serve on a free loop
 
 from __future__ import annotations
 
+import contextlib
 import os
-import socket
+import shutil
 import tempfile
 import time
 
 import pytest
 
+from ccr_ray.net import free_port
 from tests.conftest import micro_config
 
 LANGS = ("de", "zh")
@@ -29,12 +31,6 @@ def wait_until(condition, what: str, timeout: float = 120) -> float:
         assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
         time.sleep(0.1)
     return time.monotonic()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -124,21 +120,22 @@ def serve_port():
     if ray.is_initialized():
         ray.shutdown()
     saved = dict(os.environ)
-    # Serve's controller, proxy and replicas inherit the environment the local Ray starts with: the proxy gets the
-    # time it needs to start on a busy machine, HAProxy is the ingress (its side listeners on free loopback ports),
-    # as under export/serve.py (ccr_ray/serve/ray_env.py)
-    serve_env = apply_serve_env()
     temp = tempfile.mkdtemp(prefix="ccrsrv-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    serve_env.update(local_ingress_env(temp))
-    ray.init(address="local", num_cpus=2, _temp_dir=temp, log_to_driver=False, include_dashboard=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **serve_env}})
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
+    try:  # a setup that fails still stops its Ray and restores the environment (later tests' services start clean)
+        # Serve's controller, proxy and replicas inherit the environment the local Ray starts with: the proxy gets the
+        # time it needs to start on a busy machine, HAProxy is the ingress (its side listeners on free loopback
+        # ports), as under export/serve.py (ccr_ray/serve/ray_env.py)
+        serve_env = apply_serve_env()
+        serve_env.update(local_ingress_env(temp))
+        ray.init(address="local", num_cpus=2, _temp_dir=temp, log_to_driver=False, include_dashboard=False,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **serve_env}})
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield port
     finally:
-        serve.shutdown()
+        with contextlib.suppress(Exception):
+            serve.shutdown()
         ray.shutdown()
-        os.system(f"rm -rf {temp}")
+        shutil.rmtree(temp, ignore_errors=True)
         os.environ.clear()  # later tests' subprocesses (export/serve.py, the serving install) start clean
         os.environ.update(saved)

@@ -259,6 +259,8 @@ def running_replicas() -> int:
     from ray import serve
 
     states = serve.status().applications[APP].deployments["Retrieval"].replica_states
+    if len(states) != 1:
+        print(f"replica states: {dict(states)}")  # what else the controller holds, in the test's output
     return int(states.get("RUNNING", 0)) if len(states) == 1 else -1
 
 
@@ -302,8 +304,10 @@ def test_a_replica_killed_under_load_is_replaced_and_every_request_after_recover
     stop.set()
     for client in clients:
         client.join(timeout=60)
-    assert victim not in replica_names() and len(replica_names()) == 2 and running_replicas() == 2, \
-        f"not recovered in 90 s: {replica_names()}"
+    # Two replicas serve at the end. Not asserted at this instant: under 4 clients on 2 busy cores the controller has
+    # been seen to hold a second state for a moment after the replacement ran (CI: RUNNING plus another entry)
+    wait_until(lambda: victim not in replica_names() and len(replica_names()) == 2 and running_replicas() == 2,
+               "two running replicas after the load", timeout=90)
     assert any(t > killed_at for t, _ in log), "no load while the replica died"
     after = [status for t, status in log if t > recovered_at]
     assert after and all(status == 200 for status in after), f"{after.count(200)}/{len(after)} ok after recovery"

@@ -12,13 +12,8 @@ import time
 
 import pytest
 
+from ccr_ray.net import free_port
 from ccr_ray.ray_utils import RayUnavailable, cluster_address
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture()
