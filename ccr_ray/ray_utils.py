@@ -3,6 +3,7 @@ that spread over tasks and actors."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -114,9 +115,49 @@ def ensure_ray(log_to_driver: bool = True, address: str | None = _UNRESOLVED) ->
 
     if ray.is_initialized():
         return False
-    ray.init(address=cluster_address() if address == _UNRESOLVED else address, log_to_driver=log_to_driver)
+    address = cluster_address() if address == _UNRESOLVED else address
+    if address in (None, "local"):  # None: a live local cluster, else a new one
+        _init_local(address, log_to_driver)
+    else:
+        ray.init(address=address, log_to_driver=log_to_driver)
     _route_ray_logger()
     return True
+
+
+LOCAL_START_ATTEMPTS = 3
+_STARTUP_TIMEOUT = "timed out during startup"  # Ray's Node: the raylet did not register with the GCS in 30 s
+
+
+def _init_local(address: str | None, log_to_driver: bool) -> None:
+    """ray.init for a Ray on this machine, tried again when Ray's start-up gives up. Ray waits a fixed 30 s for a
+    new node's raylet to register (ray/_private/node.py, not configurable); on a 2-core host with other CPU-bound
+    processes (two `yes` beside a test run) a fresh node has been seen to need longer, and `export/serve.py` failed
+    with "The current node timed out during startup". Each retry first stops what the failed attempt started."""
+    import ray
+    from ray.thirdparty_files import psutil  # Ray's own copy (a Ray install has no other)
+
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        try:
+            ray.init(address=address, log_to_driver=log_to_driver)
+            return
+        except Exception as err:
+            if _STARTUP_TIMEOUT not in str(err) or attempt == LOCAL_START_ATTEMPTS:
+                raise
+            print(f"warning: Ray's start-up timed out (a busy machine?); starting it again "
+                  f"({attempt + 1}/{LOCAL_START_ATTEMPTS})", file=sys.stderr, flush=True)
+        _stop_new_children(before)
+        ray.shutdown()
+
+
+def _stop_new_children(before: set[int]) -> None:
+    from ray.thirdparty_files import psutil
+
+    started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    for process in started:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(started, timeout=30)
 
 
 def owns_local_ray() -> bool:

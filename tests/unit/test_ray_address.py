@@ -80,3 +80,62 @@ def test_a_dead_ray_address_is_one_line_within_seconds(form, ray_dir, monkeypatc
     assert time.monotonic() - started < 10
     assert str(err.value) == (f"RAY_ADDRESS={address}: no Ray cluster answers there (start it, or unset "
                               "RAY_ADDRESS to run on a new local Ray)")
+
+
+@pytest.mark.parametrize("failures, started", [(2, True), (3, False)])
+def test_a_local_start_that_times_out_is_tried_again_after_stopping_what_it_started(
+        monkeypatch, capsys, failures, started):
+    """Ray's own 30-s wait for a new node's raylet gives up on a busy 2-core machine: ensure_ray starts it again,
+    up to LOCAL_START_ATTEMPTS times, each time first killing the processes the failed attempt left (here a stand-in
+    child per attempt), and any other error is raised at once."""
+    import subprocess
+    import sys
+
+    import ray
+
+    from ccr_ray import ray_utils
+
+    children, calls = [], []
+
+    def fake_init(address=None, log_to_driver=True):
+        calls.append(address)
+        if len(calls) <= failures:
+            children.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]))
+            raise Exception("The current node timed out during startup. This could happen because ...")
+
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_utils, "_route_ray_logger", lambda: None)
+    try:
+        if started:
+            assert ray_utils.ensure_ray(address="local") is True
+            assert calls == ["local"] * (failures + 1)
+        else:
+            with pytest.raises(Exception, match="timed out during startup"):
+                ray_utils.ensure_ray(address="local")
+            assert len(calls) == ray_utils.LOCAL_START_ATTEMPTS
+        retried = failures if started else failures - 1
+        assert all(child.poll() is not None for child in children[:retried])  # each failed attempt's leftovers
+        assert capsys.readouterr().err.count("Ray's start-up timed out") == retried
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+
+
+def test_another_start_error_is_not_retried(monkeypatch):
+    import ray
+
+    from ccr_ray import ray_utils
+
+    calls = []
+
+    def fake_init(address=None, log_to_driver=True):
+        calls.append(address)
+        raise ValueError("bad argument")
+
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    with pytest.raises(ValueError):
+        ray_utils.ensure_ray(address="local")
+    assert calls == ["local"]
