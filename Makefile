@@ -37,7 +37,7 @@ demo: setup
 # (the grouping scheduler and the order are in tests/conftest.py)
 TEST_WORKERS ?= 2
 test: setup browser
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --no-loadscope-reorder
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --no-loadscope-reorder --durations=25
 
 lint: setup
 	$(BIN)/ruff check ccr_ray jobs export bench tests
