@@ -25,8 +25,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from ccr_ray.net import free_port
 from tests.conftest import REPO, WORKER_ENV, micro_config
-from tests.ray.conftest import AWS, free_port, moto_s3
+from tests.ray.conftest import AWS, moto_s3
 from tests.ray.drills import Gate, gated_worker, registered_step, steps_seen, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from ccr_ray.net import free_port
 from tests.conftest import REPO
-from tests.serve.conftest import free_port
 
 pytestmark = pytest.mark.ray
 

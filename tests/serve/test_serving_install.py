@@ -16,8 +16,8 @@ import time
 import pytest
 import requests
 
+from ccr_ray.net import free_port
 from tests.conftest import REPO
-from tests.serve.conftest import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
