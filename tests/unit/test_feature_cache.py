@@ -164,7 +164,13 @@ def test_same_loss_trajectory_with_and_without_the_cache(micro_data, home, stage
     assert torch.equal(start, start_b)
     assert np.abs(np.diff(a)).max() > 1e-4 and (pa_ - start).abs().max() > 1e-3  # training moved: not trivial
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
-    assert (pb - pa_).abs().max() < 1e-4
+    # the trained weights agree to float noise relative to how far training moved them. Not element-wise: the
+    # cache's features differ from the batched towers' by float rounding (~1e-6, kernel order: 1.3e-5 on one CPU,
+    # 1.0e-4 on another CI's), and Adam divides by sqrt(v), so a weight with a near-zero gradient can take a
+    # different step of up to lr (the norm of the difference is 1.6e-5 of the movement here); a cache of the
+    # wrong rows or features differs by O(1) of it
+    moved = (pa_ - start).norm()
+    assert (pb - pa_).norm() < 1e-2 * moved, ((pb - pa_).norm() / moved).item()
 
 
 def trained_params(state):
