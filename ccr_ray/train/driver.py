@@ -34,6 +34,9 @@ class StageResult:
     history: list[dict] = field(default_factory=list)
 
 
+WORKER_GROUP_START_RETRIES = 2
+
+
 def check_resources(cfg: ExperimentConfig) -> None:
     """Refuse, before any cluster work, a request the cluster cannot meet: more CPUs, GPUs or custom resources than
     it has (Train would wait forever). With `scaling.wait_for_resources` (an autoscaling cluster whose worker nodes
@@ -57,6 +60,19 @@ def check_resources(cfg: ExperimentConfig) -> None:
     if cpus - wanted["CPU"] < min(cfg.data.max_cpus, 1.0) - 1e-9:
         log.warning("scaling: Train reserves %.1f of %.1f CPUs, leaving less than data.max_cpus=%.1f for Ray Data; "
                     "the input pipeline may stall", wanted["CPU"], cpus, cfg.data.max_cpus)
+
+
+def failure_config(cfg: ExperimentConfig):
+    """Worker failures: `run.max_failures` restarts from the last checkpoint. Controller failures: the only ones Ray
+    retries are worker-group start-up failures and time-outs (Ray 2.60); a busy machine can take longer than
+    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) to start the workers, so they get WORKER_GROUP_START_RETRIES more
+    tries. A request the cluster cannot meet is refused before the run (check_resources) or raises
+    InsufficientClusterResourcesError, which is not retried; an autoscaling cluster waits for its nodes."""
+    import ray.train
+
+    return ray.train.FailureConfig(
+        max_failures=cfg.run.max_failures,
+        controller_failure_limit=-1 if cfg.scaling.wait_for_resources else WORKER_GROUP_START_RETRIES)
 
 
 def build_trainer(plan: StagePlan, callbacks: list | None = None, storage_path: str | None = None,
@@ -101,9 +117,7 @@ def build_trainer(plan: StagePlan, callbacks: list | None = None, storage_path: 
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep,
                                                      checkpoint_score_attribute="val/mR",
                                                      checkpoint_score_order="max"),
-        # a request the cluster cannot meet fails at once (check_resources says why), unless we wait for autoscaling
-        failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures,
-                                               controller_failure_limit=-1 if cfg.scaling.wait_for_resources else 0),
+        failure_config=failure_config(cfg),
         callbacks=callbacks or None,
         logging_config=train_logging_config(cfg.run.verbose),
     )

@@ -63,3 +63,28 @@ def test_run_stage_turns_a_raised_train_failure_into_one_line(where, monkeypatch
     with pytest.raises(TrainingFailed, match=r"^stage nlt failed \(controller: OSError: When initiating") as err:
         driver.run_stage(plan, storage_path=str(run_dir.parent), name=run_dir.name)
     assert err.value.__cause__.controller_failure is cause and run_dir.uri in str(err.value)
+
+
+def test_a_slow_worker_group_start_is_retried_and_a_storage_failure_is_not(micro_cfg):
+    """Ray's own failure policy with the stage's FailureConfig: a worker group that did not start in time (a busy
+    machine) is tried again WORKER_GROUP_START_RETRIES times, then the stage fails; a controller error that is not a
+    start-up failure (an upload to an unreachable store) fails at once, and worker crashes get run.max_failures."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision
+    from ray.train.v2._internal.execution.failure_handling.default import DefaultFailurePolicy
+
+    from ccr_ray.train.driver import WORKER_GROUP_START_RETRIES, failure_config
+
+    assert WORKER_GROUP_START_RETRIES >= 1
+    cfg = micro_cfg("nlt", run={"max_failures": 1})
+    policy = DefaultFailurePolicy(failure_config(cfg))
+    slow = ControllerError(WorkerGroupStartupTimeoutError(num_workers=1))
+    decisions = [policy.make_decision(slow) for _ in range(WORKER_GROUP_START_RETRIES + 1)]
+    assert decisions == [FailureDecision.RETRY] * WORKER_GROUP_START_RETRIES + [FailureDecision.RAISE]
+    assert DefaultFailurePolicy(failure_config(cfg)).make_decision(
+        ControllerError(OSError("When uploading: Couldn't connect to server"))) == FailureDecision.RAISE
+    crash = WorkerGroupError("1 worker failed", {0: RuntimeError("boom")})
+    policy = DefaultFailurePolicy(failure_config(cfg))
+    assert [policy.make_decision(crash) for _ in range(2)] == [FailureDecision.RETRY, FailureDecision.RAISE]
+    waiting = micro_cfg("nlt", scaling={"wait_for_resources": True})
+    assert failure_config(waiting).controller_failure_limit == -1
