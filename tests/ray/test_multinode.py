@@ -223,12 +223,12 @@ def test_drill_worker_node_removed_then_replaced(nodes, micro_data, tmp_path):
 
 def test_drill_driver_killed_then_the_same_command_again(nodes, micro_data, tmp_path):
     """The job's driver (jobs/train_stage.py, joined to the cluster) is killed with SIGKILL while its worker waits at
-    step 15 (the step-10 checkpoint registered); the same command again resumes the stage's Train run from that
+    step 6 (the step-4 checkpoint registered); the same command again resumes the stage's Train run from that
     checkpoint (same run name, same storage)."""
     from ccr_ray.stages import resolve_config
     from ccr_ray.train.plan import plan_stage
 
-    steps, every, fault_at = 30, 10, 15
+    steps, every, fault_at = 12, 4, 6  # the gate fires at the step whatever the speed: no need for more steps
     cfg = config(nodes, tmp_path, "driver-lost", train={"max_steps": steps, "eval_every": every},
                  scaling={"num_workers": 1, "cpus_per_worker": 0.5})
     publish_parent(cfg, micro_data)
