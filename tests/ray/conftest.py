@@ -15,6 +15,37 @@ BUCKET = "ccr-test"
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+def train_logs_tail(lines: int = 60) -> str:
+    """The last lines of Ray Train's controller and worker system logs of the connected cluster, for a failure
+    message (a private cluster's logs are deleted with it; a Train run that fails in its start-up leaves the why
+    there, e.g. who removed its placement group)."""
+    import glob
+    import json
+
+    from ray._private import worker
+
+    node = getattr(worker, "_global_node", None)
+    if node is None:
+        return "(no Ray node in this process)"
+    out = []
+    for path in sorted(glob.glob(os.path.join(node.get_session_dir_path(), "logs", "train", "ray-train-sys-*.log")),
+                       key=os.path.getmtime)[-4:]:
+        records = []
+        for line in open(path, errors="replace").read().splitlines()[-lines:]:
+            try:
+                record = json.loads(line)
+                records.append(f"{record['asctime']} {record['levelname']} {record['message'][:400]}")
+            except (ValueError, KeyError):
+                records.append(line[:400])
+        out.append(f"--- {os.path.basename(path)}\n" + "\n".join(records))
+    # Train's detached PlacementGroupCleaner logs to its own worker files: the line that says it removed a group
+    for path in glob.glob(os.path.join(node.get_session_dir_path(), "logs", "worker-*")):
+        found = [line[:400] for line in open(path, errors="replace") if "placement group" in line.lower()]
+        if found:
+            out.append(f"--- {os.path.basename(path)}\n" + "".join(found[-5:]))
+    return "\n".join(out) or "(no Ray Train logs)"
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     with private_ray() as ray:

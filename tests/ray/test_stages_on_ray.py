@@ -9,6 +9,7 @@ import pytest
 from ccr_ray import checkpoint as ckpt
 from ccr_ray.stages import resolve_config
 from tests.conftest import micro_config
+from tests.ray.conftest import train_logs_tail
 
 pytestmark = pytest.mark.ray
 
@@ -27,7 +28,8 @@ def test_clip_nlt_le_then_evaluate_through_the_job_clis(ray_local, micro_data, t
     assert train_stage.main(["--stage", "le", "--config", config]) == 2  # no nlt checkpoint yet
     assert "python jobs/train_stage.py --stage nlt --config" in capsys.readouterr().err
     for stage in ("clip", "nlt", "le"):
-        assert train_stage.main(["--stage", stage, "--config", config]) == 0
+        code = train_stage.main(["--stage", stage, "--config", config])
+        assert code == 0, f"{stage}: exit {code}: {capsys.readouterr().err[-1500:]}\n{train_logs_tail()}"
     home = tmp_path / "home" / "runs" / "t"
     for stage in ("clip", "nlt", "le"):
         meta = ckpt.read_meta(home / stage / "checkpoint")
