@@ -24,15 +24,20 @@ def ephemeral_start() -> int:
         return FALLBACK_EPHEMERAL_START
 
 
+def can_bind(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port(host: str = "127.0.0.1", tries: int = 200) -> int:
     """A port `host` can bind now, outside the ephemeral range where possible (the kernel's choice otherwise)."""
     low, high = RAY_WORKER_PORTS_END + 1, ephemeral_start() - 1
     for port in random.sample(range(low, high + 1), min(tries, max(high - low + 1, 0))):
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
+        if can_bind(port, host):
             return port
     with socket.socket() as s:
         s.bind((host, 0))

@@ -10,6 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ccr_ray.net import can_bind, free_port
+
 QUIET_ENV = "CCR_RAY_QUIET"  # "1": Ray's own INFO logs stay off the console (set by quiet_logs)
 _log_file: Path | None = None  # where Ray's driver-side logs go (quiet_logs)
 # what Ray's processes need to keep the console quiet: Ray Data's console at WARNING (its files keep everything),
@@ -124,6 +126,14 @@ def ensure_ray(log_to_driver: bool = True, address: str | None = _UNRESOLVED) ->
     return True
 
 
+# Where Ray's state API is asked, in every process of a cluster that inherits it (Ray reads it before RAY_ADDRESS).
+# Ray Train's detached PlacementGroupCleaner asks the state API every second whether the run's controller is alive
+# and removes the run's placement group, killing its workers, when the answer is "not found". A process resolves the
+# state API by auto-detection, and a cluster's recorded dashboard address is 127.0.0.1:8265 even without a dashboard,
+# so with two clusters on one host the question can reach the *other* cluster's dashboard, which does not know the
+# controller (reproduced with Ray 2.60, NOTES.md): a live run's workers die with "placement group was removed".
+STATE_API_ENV = "RAY_API_SERVER_ADDRESS"
+DEFAULT_DASHBOARD_PORT = 8265
 LOCAL_START_ATTEMPTS = 3
 _STARTUP_TIMEOUT = "timed out during startup"  # Ray's Node: the raylet did not register with the GCS in 30 s
 
@@ -136,10 +146,17 @@ def _init_local(address: str | None, log_to_driver: bool) -> None:
     import ray
     from ray.thirdparty_files import psutil  # Ray's own copy (a Ray install has no other)
 
+    own_dashboard, state_api = {}, {}
+    if address == "local" and not os.environ.get(STATE_API_ENV):
+        # a new cluster: its processes ask its own dashboard, on a port nobody else holds
+        port = DEFAULT_DASHBOARD_PORT if can_bind(DEFAULT_DASHBOARD_PORT) else free_port()
+        own_dashboard = {"dashboard_host": "127.0.0.1", "dashboard_port": port}
+        state_api = {STATE_API_ENV: f"http://127.0.0.1:{port}"}
     for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
         before = {p.pid for p in psutil.Process().children(recursive=True)}
         try:
-            ray.init(address=address, log_to_driver=log_to_driver)
+            with environment(state_api):  # the raylet, and every process it starts, inherits it; this one not
+                ray.init(address=address, log_to_driver=log_to_driver, **own_dashboard)
             return
         except Exception as err:
             if _STARTUP_TIMEOUT not in str(err) or attempt == LOCAL_START_ATTEMPTS:
@@ -148,6 +165,21 @@ def _init_local(address: str | None, log_to_driver: bool) -> None:
                   f"({attempt + 1}/{LOCAL_START_ATTEMPTS})", file=sys.stderr, flush=True)
         _stop_new_children(before)
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """os.environ with `values` set inside the block, as it was after it."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _stop_new_children(before: set[int]) -> None:

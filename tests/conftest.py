@@ -78,13 +78,19 @@ def private_ray(prefix: str = "ccrray-", env: dict | None = None, **init):
     length limit), shut down and removed afterwards."""
     import ray
 
+    from ccr_ray.ray_utils import STATE_API_ENV, environment
+
     if ray.is_initialized():
         ray.shutdown()
     temp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
     # no dashboard: no test of a private cluster asks it anything, and it is one process fewer on cores the other
-    # xdist worker shares (the job-submit test starts its own cluster, with one)
-    ray.init(**{"address": "local", "num_cpus": 2, "_temp_dir": temp, "log_to_driver": False,
-                "include_dashboard": False, "runtime_env": {"env_vars": {**WORKER_ENV, **(env or {})}}, **init})
+    # xdist worker shares (the job-submit test starts its own cluster, with one). Its processes' state API is a
+    # port nothing serves (1, privileged), so Train's placement-group cleaner gets "unavailable" instead of asking
+    # another cluster's dashboard at 127.0.0.1:8265 (export/serve.py's, on the other xdist worker), which answered
+    # "not found" for a live controller and the run's workers were killed (ccr_ray/ray_utils.py STATE_API_ENV)
+    with environment({STATE_API_ENV: "http://127.0.0.1:1"}):
+        ray.init(**{"address": "local", "num_cpus": 2, "_temp_dir": temp, "log_to_driver": False,
+                    "include_dashboard": False, "runtime_env": {"env_vars": {**WORKER_ENV, **(env or {})}}, **init})
     try:
         yield ray
     finally:

@@ -7,6 +7,7 @@ cluster is never read."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
@@ -97,7 +98,7 @@ def test_a_local_start_that_times_out_is_tried_again_after_stopping_what_it_star
 
     children, calls = [], []
 
-    def fake_init(address=None, log_to_driver=True):
+    def fake_init(address=None, log_to_driver=True, **dashboard):
         calls.append(address)
         if len(calls) <= failures:
             children.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]))
@@ -130,7 +131,7 @@ def test_another_start_error_is_not_retried(monkeypatch):
 
     calls = []
 
-    def fake_init(address=None, log_to_driver=True):
+    def fake_init(address=None, log_to_driver=True, **dashboard):
         calls.append(address)
         raise ValueError("bad argument")
 
@@ -139,3 +140,45 @@ def test_another_start_error_is_not_retried(monkeypatch):
     with pytest.raises(ValueError):
         ray_utils.ensure_ray(address="local")
     assert calls == ["local"]
+
+
+@pytest.mark.parametrize("port_8265_taken", [False, True])
+def test_a_new_local_cluster_asks_its_own_dashboard(monkeypatch, port_8265_taken):
+    """Ray Train's placement-group cleaner asks the state API whether a run's controller is alive; a new local
+    cluster's processes are pointed at the cluster's own dashboard (RAY_API_SERVER_ADDRESS, inherited from the
+    environment ray.init starts them in), on 8265 unless another process holds it, and this process's environment is
+    left as it was."""
+    import ray
+
+    from ccr_ray import ray_utils
+
+    seen = []
+
+    def fake_init(address=None, log_to_driver=True, **dashboard):
+        seen.append((address, dashboard, os.environ.get(ray_utils.STATE_API_ENV)))
+
+    monkeypatch.delenv(ray_utils.STATE_API_ENV, raising=False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_utils, "_route_ray_logger", lambda: None)
+    holder = socket.socket()
+    try:
+        if port_8265_taken:
+            holder.bind(("127.0.0.1", ray_utils.DEFAULT_DASHBOARD_PORT))
+        elif not ray_utils.can_bind(ray_utils.DEFAULT_DASHBOARD_PORT):
+            pytest.skip("8265 is held by another process on this machine")
+        assert ray_utils.ensure_ray(address="local") is True
+    finally:
+        holder.close()
+    (address, dashboard, state_api), = seen
+    port = dashboard["dashboard_port"]
+    assert address == "local" and dashboard["dashboard_host"] == "127.0.0.1"
+    assert (port != ray_utils.DEFAULT_DASHBOARD_PORT) == port_8265_taken
+    assert state_api == f"http://127.0.0.1:{port}"
+    assert ray_utils.STATE_API_ENV not in os.environ  # only the cluster's processes got it
+    # a user's own setting is kept, and attaching to a running cluster changes nothing
+    seen.clear()
+    monkeypatch.setenv(ray_utils.STATE_API_ENV, "http://10.0.0.1:8265")
+    ray_utils.ensure_ray(address="local")
+    ray_utils.ensure_ray(address=None)
+    assert seen == [("local", {}, "http://10.0.0.1:8265"), (None, {}, "http://10.0.0.1:8265")]
