@@ -8,6 +8,7 @@ import os
 import pytest
 
 from ccr_ray.net import free_port
+from ccr_ray.ray_utils import environment
 from tests.conftest import private_ray
 
 pytestmark = pytest.mark.ray
@@ -83,18 +84,12 @@ def moto_s3():
     processes started later inherit them)."""
     s3 = MotoS3()
     s3.start()
-    saved = {k: os.environ.get(k) for k in AWS}
-    os.environ.update(AWS)
-    s3.root.fs.create_dir(BUCKET)
     try:
-        yield s3
+        with environment(AWS):
+            s3.root.fs.create_dir(BUCKET)
+            yield s3
     finally:
         s3.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
