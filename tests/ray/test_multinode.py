@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from ccr_ray.net import free_port
+from ccr_ray.ray_utils import environment
 from tests.conftest import REPO, WORKER_ENV, micro_config
 from tests.ray.conftest import AWS, moto_s3
 from tests.ray.drills import Gate, gated_worker, registered_step, steps_seen, wait_for
@@ -49,25 +50,21 @@ def nodes(micro_data):
         # address): keep that file in the private folder, or it outlives the cluster in the machine's /tmp/ray (a
         # stale address every later ray.init() on this machine would try) and fails where /tmp/ray does not exist
         os.makedirs(os.path.join(temp, "ray"))
-        saved_tmpdir, os.environ["RAY_TMPDIR"] = os.environ.get("RAY_TMPDIR"), temp
-        # the dashboard on a port of its own: 8265 may be another cluster's on a shared machine
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "temp_dir": temp,
-                                                                "object_store_memory": 150 * MB,
-                                                                "dashboard_port": free_port()})
-        workers = [cluster.add_node(**NODE) for _ in range(2)]
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": {**AWS, **WORKER_ENV}})
-        data = s3 / "data" / "micro"
-        data.upload_from(micro_data)
-        try:
-            yield SimpleNamespace(cluster=cluster, s3=s3, server=server, data=data, workers=workers, temp=temp)
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
-            if saved_tmpdir is None:
-                os.environ.pop("RAY_TMPDIR", None)
-            else:
-                os.environ["RAY_TMPDIR"] = saved_tmpdir
+        with environment({"RAY_TMPDIR": temp}):
+            # the dashboard on a port of its own: 8265 may be another cluster's on a shared machine
+            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "temp_dir": temp,
+                                                                    "object_store_memory": 150 * MB,
+                                                                    "dashboard_port": free_port()})
+            workers = [cluster.add_node(**NODE) for _ in range(2)]
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": {**AWS, **WORKER_ENV}})
+            data = s3 / "data" / "micro"
+            data.upload_from(micro_data)
+            try:
+                yield SimpleNamespace(cluster=cluster, s3=s3, server=server, data=data, workers=workers, temp=temp)
+            finally:
+                ray.shutdown()
+                cluster.shutdown()
             shutil.rmtree(temp, ignore_errors=True)
 
 
