@@ -44,7 +44,24 @@ def train_logs_tail(lines: int = 60) -> str:
         found = [line[:400] for line in open(path, errors="replace") if "placement group" in line.lower()]
         if found:
             out.append(f"--- {os.path.basename(path)}\n" + "".join(found[-5:]))
+    # a worker that died without a Python exception ("connection error code 2. End of file"): Ray enables
+    # faulthandler in workers, so a segfault or abort leaves its stack in the worker's .err file; the raylet says
+    # how the process ended
+    for path in glob.glob(os.path.join(node.get_session_dir_path(), "logs", "worker-*.err")):
+        text = open(path, errors="replace").read()
+        if any(sign in text for sign in CRASH_SIGNS):
+            out.append(f"--- {os.path.basename(path)}\n{text[-3000:]}")
+    raylet = os.path.join(node.get_session_dir_path(), "logs", "raylet.out")
+    if os.path.exists(raylet):
+        found = [line[:400] for line in open(raylet, errors="replace")
+                 if "exit" in line.lower() and ("signal" in line.lower() or "SYSTEM_ERROR" in line)]
+        if found:
+            out.append("--- raylet.out\n" + "".join(found[-8:]))
     return "\n".join(out) or "(no Ray Train logs)"
+
+
+CRASH_SIGNS = ("Fatal Python error", "Segmentation fault", "terminate called", "Aborted", "Killed",
+               "MemoryError")
 
 
 @pytest.fixture(scope="module")
