@@ -120,7 +120,8 @@ def two_workers(ray_local, micro_data, tmp_path_factory):
         raise AssertionError(f"{err}\n{train_logs_tail()}") from err
     starts = (out / "starts.txt").read_text().count("start")
     if starts > 1:
-        warnings.warn(f"the DDP worker group was restarted ({starts} starts):\n{train_logs_tail()}")
+        warnings.warn(f"the DDP worker group was restarted ({starts} starts):\n{train_logs_tail()}",
+                      stacklevel=2)
     return out, experiments
 
 

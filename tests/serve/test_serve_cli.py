@@ -144,6 +144,7 @@ def test_sigterm_stops_the_service_cleanly_and_a_stale_cluster_address_does_not_
 
 
 @pytest.mark.slow
+@pytest.mark.cpu_hogs
 def test_a_busy_machine_starts_the_service_and_ctrl_c_stops_it(demo_model):
     """Two CPU-bound processes beside it (`yes > /dev/null` x2): start-up waits for Serve's proxy instead of giving
     up on it (ccr_ray/serve/ray_env.py); then Ctrl-C, i.e. SIGINT to the whole foreground process group."""
