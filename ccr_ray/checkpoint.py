@@ -174,8 +174,8 @@ def load_weights_into(model: CCRModel, path: str | os.PathLike, inherit: str = "
     """Initialise `model` from a parent checkpoint.
 
     inherit="backbone": only the CLIP weights (`clip.*`); the multilingual path keeps its fresh init.
-    inherit="all": every weight the parent has; adapters for languages the parent lacks stay freshly
-    initialised (reported), parent weights the child has no place for are ignored (reported).
+    inherit="all": every weight the parent has; adapters (and token-table offsets) for languages the parent lacks
+    stay freshly initialised (reported), parent weights the child has no place for are ignored (reported).
     """
     state = read_tensors(Path(path) / MODEL_FILE)
     if inherit == "backbone":
@@ -184,7 +184,7 @@ def load_weights_into(model: CCRModel, path: str | os.PathLike, inherit: str = "
     unexpected = sorted(k for k in state if k not in own)
     state = {k: v for k, v in state.items() if k in own}
     missing = sorted(k for k in own if k not in state)
-    allowed_missing = ("adapters.",) if inherit == "all" else ("adapters.", "embedding.")
+    allowed_missing = ("adapters.", "embedding.token_offsets.") if inherit == "all" else ("adapters.", "embedding.")
     bad = [k for k in missing if not k.startswith(allowed_missing)]
     if bad:
         raise CheckpointError(f"{path}: parent checkpoint lacks {len(bad)} weights, e.g. {bad[:3]}")

@@ -73,6 +73,13 @@ class TextConfig:
     # than the W_e bias and the tower's positions, or every caption looks alike to it (README, real-text benchmark)
     init_std: float = 0.02
     embed_dim: int = 768  # width of the token table E (M-BERT: 768); a Linear maps it to the CLIP text width
+    # how a language added to a trained model (model.add_languages) reads E, which stays frozen because every
+    # other language reads its rows: "offset" = through an offset table of its own (vocabulary x embed_dim, zero
+    # at the start, trained with its adapters, read by no other language), "frozen" = E as it is
+    new_language_table: Literal["offset", "frozen"] = "offset"
+    # the languages that read E through their own offset (set by planning when a language is added; recorded in
+    # the checkpoint so the model rebuilds with them)
+    language_offsets: list[str] = field(default_factory=list)
     context_length: int = 0  # tokens per caption; 0 = the backbone's (77 for OpenAI CLIP)
 
 
@@ -264,6 +271,8 @@ class ExperimentConfig:
                        f"{lang!r} is not a known target language (known: {', '.join(KNOWN_LANGUAGES[1:])})")
         _check(len(set(self.model.add_languages)) == len(self.model.add_languages), "model.add_languages",
                "has duplicates")
+        strays = [lang for lang in self.model.text.language_offsets if lang not in self.model.languages]
+        _check(not strays, "model.text.language_offsets", f"{strays} are not in model.languages")
         for name, w in self.loss.weights.items():
             _check(w >= 0, f"loss.weights.{name}", "must be >= 0")
 

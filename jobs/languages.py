@@ -64,7 +64,8 @@ def remove_language(checkpoint: str, lang: str, out: str, force: bool = False) -
         raise ValueError(f"--lang: {lang} is the model's only language")
     cfg = meta.experiment
     keep = [other for other in cfg.model.languages if other != lang]
-    model_cfg = dataclasses.replace(cfg.model, languages=keep,
+    text = dataclasses.replace(cfg.model.text, language_offsets=[a for a in cfg.model.text.language_offsets if a != lang])
+    model_cfg = dataclasses.replace(cfg.model, languages=keep, text=text,
                                     add_languages=[a for a in cfg.model.add_languages if a != lang])
     smaller = build_model(model_cfg, TokenizerInfo(**meta.tokens), clip_cfg=meta.clip_cfg)
     dropped = model.language_parameters()[lang]

@@ -119,8 +119,8 @@ class _EncodeText(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, lang: str):
-        return self.model.encode_text(input_ids, attention_mask, lang)
+    def forward(self, input_ids, attention_mask, lang: str, token_offset=None):
+        return self.model.encode_text(input_ids, attention_mask, lang, token_offset=token_offset)
 
 
 class MultilingualTextEncoder(nn.Module):
@@ -141,11 +141,28 @@ class MultilingualTextEncoder(nn.Module):
                 self.register_buffer(buffer, stacked.contiguous())
                 prefix = f"model.adapters.{dict_name}." if dict_name else "model.adapters."
                 self._swaps.append((f"{prefix}{self.template}.{name}", buffer))
+        # token-table offsets (languages added to a trained model): one table of every offset language's rows and
+        # a zero row; a language without an offset reads the zero row (x + 0 is x, so its embeddings are those of
+        # an export without offsets, bit for bit)
+        offset_languages = [lang for lang in self.languages if lang in model.embedding.token_offsets]
+        self.has_offsets = bool(offset_languages)
+        if self.has_offsets:
+            tables = [model.embedding.token_offsets[lang].weight.detach() for lang in offset_languages]
+            vocab, dim = tables[0].shape
+            self.register_buffer("offset_rows", torch.cat([*tables, tables[0].new_zeros(1, dim)]).contiguous())
+            self.register_buffer("offset_base", torch.tensor(
+                [offset_languages.index(lang) * vocab if lang in offset_languages else -1 for lang in self.languages],
+                dtype=torch.int64))
 
     def forward(self, input_ids, attention_mask, lang_index):
         swapped = {name: torch.index_select(getattr(self, buffer), 0, lang_index).squeeze(0)
                    for name, buffer in self._swaps}
-        out = torch.func.functional_call(self.encode, swapped, (input_ids, attention_mask, self.template),
+        extra = {}
+        if self.has_offsets:
+            base = torch.index_select(self.offset_base, 0, lang_index)
+            zero_row = torch.full_like(input_ids, self.offset_rows.shape[0] - 1)
+            extra["token_offset"] = F.embedding(torch.where(base >= 0, input_ids + base, zero_row), self.offset_rows)
+        out = torch.func.functional_call(self.encode, swapped, (input_ids, attention_mask, self.template), extra,
                                          strict=False, tie_weights=False)
         return F.normalize(out, dim=-1)
 

@@ -73,11 +73,13 @@ class CCRModel(nn.Module):
         return backbone.encode_text_en(self.clip, ids)
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor | None, lang: str,
-                    return_aux: bool = False):
+                    return_aux: bool = False, token_offset: torch.Tensor | None = None):
+        """`token_offset`: the rows of `lang`'s token-table offset, looked up by the caller (the ONNX graph of all
+        languages); by default the embedding looks them up itself."""
         if lang not in self.adapters.languages:
             raise KeyError(f"no adapters for language {lang!r}; this model has {', '.join(self.languages)}")
         tower = self.text_tower
-        x = tower.embed(self.embedding(ids))  # [B, T, width]
+        x = tower.embed(self.embedding(ids, lang, token_offset))  # [B, T, width]
         context = self.adapters.prepare(tower, x, ids, mask, lang)
         attention = tower.attention(ids, mask)
         for layer in range(tower.num_layers):
@@ -131,22 +133,26 @@ class CCRModel(nn.Module):
         """Every parameter in exactly one named group; stages say which groups train (stages.py).
 
         `new_languages`: languages being added to a trained model; the adapter parameters that belong to them
-        alone (under the adapters' per-language dicts) form `new_language_adapters` instead of `adapters`."""
+        alone (under the adapters' per-language dicts, and their token-table offsets) form `new_language_adapters`
+        instead of `adapters`."""
         named = dict(self.named_parameters())
         groups: dict[str, list[tuple[str, nn.Parameter]]] = {
             "image_tower": [], "text_tower": [], "logit_scale": [], "token_embedding": [], "embedding_proj": [],
             "adapters": [], "new_language_adapters": [],
         }
-        new = tuple(f"adapters.{d}.{lang}." for d in self.adapters.language_dicts() for lang in new_languages)
+        new = tuple(prefix for lang in new_languages for prefix in self.language_prefixes(lang))
+        own = tuple(prefix for lang in self.languages for prefix in self.language_prefixes(lang))
         for name, param in named.items():
             if name.startswith("clip."):
                 groups[backbone.tower_of(name[len("clip."):])].append((name, param))
+            elif new and name.startswith(new):
+                groups["new_language_adapters"].append((name, param))
+            elif name.startswith(own):  # a language's own parts: its adapters, its token-table offset
+                groups["adapters"].append((name, param))
             elif name.startswith("embedding.token_embedding."):
                 groups["token_embedding"].append((name, param))
             elif name.startswith("embedding."):
                 groups["embedding_proj"].append((name, param))
-            elif new and name.startswith(new):
-                groups["new_language_adapters"].append((name, param))
             elif name.startswith("adapters."):
                 groups["adapters"].append((name, param))
             else:  # pragma: no cover - a new submodule must be given a group
@@ -156,13 +162,17 @@ class CCRModel(nn.Module):
     def language_parameters(self) -> dict[str, dict[str, torch.Tensor]]:
         """{language: its own parameters} and {"shared": everything else}: what a language reads that no other
         does, and what every language reads (the checkpoint fingerprints each, so anyone can see what changed)."""
-        own = {lang: tuple(f"adapters.{d}.{lang}." for d in self.adapters.language_dicts()) for lang in self.languages}
+        own = {lang: self.language_prefixes(lang) for lang in self.languages}
         out: dict[str, dict[str, torch.Tensor]] = {lang: {} for lang in self.languages}
         out["shared"] = {}
         for name, tensor in self.state_dict().items():
             lang = next((lang for lang, prefixes in own.items() if name.startswith(prefixes)), "shared")
             out[lang][name] = tensor
         return out
+
+    def language_prefixes(self, lang: str) -> tuple[str, ...]:
+        """Name prefixes of the parameters `lang` reads and no other language does."""
+        return (*(f"adapters.{d}.{lang}." for d in self.adapters.language_dicts()), f"embedding.token_offsets.{lang}.")
 
     def set_trainable(self, groups: Iterable[str], new_languages: Iterable[str] = ()
                       ) -> list[tuple[str, nn.Parameter]]:
@@ -211,7 +221,8 @@ def build_model(model_cfg, tokens: TokenizerInfo, clip_cfg: dict | None = None) 
     if context > tower.context_length:
         raise ValueError(f"model.text.context_length: {context} exceeds the backbone's {tower.context_length} "
                          "positions")
-    embedding = MultilingualEmbedding(tokens.vocab_size, model_cfg.text.embed_dim, tower.width, model_cfg.text.init_std)
+    embedding = MultilingualEmbedding(tokens.vocab_size, model_cfg.text.embed_dim, tower.width, model_cfg.text.init_std,
+                                      offset_languages=model_cfg.text.language_offsets)
     adapters = build_adapters(model_cfg, tower.num_layers, tower.width, tower.embed_dim)
     return CCRModel(clip, embedding, adapters, tokens, context, english_tokenizer_folder(clip_cfg))
 

@@ -155,7 +155,7 @@ def _parent_checkpoint(cfg: ExperimentConfig, stage: Stage, config_source: str |
 
 # model fields that only decide how a new table starts: a run that extends a trained model inherits its table
 INIT_ONLY_TEXT_FIELDS = ("tokenizer", "embeddings_init", "trim_vocab", "projection_init", "freeze_table",
-                         "freeze_projection", "init_std")
+                         "freeze_projection", "init_std", "new_language_table", "language_offsets")
 
 
 def _extending(cfg: ExperimentConfig, stage: Stage, parent: str | None) -> ExperimentConfig:
@@ -185,7 +185,15 @@ def _extending(cfg: ExperimentConfig, stage: Stage, parent: str | None) -> Exper
                          "keeps the trained model as it is (drop the override, or use the config it was trained "
                          "with)")
     languages = [*[lang for lang in trained.languages if lang not in adding], *adding]
-    model = dataclasses.replace(trained, languages=languages, add_languages=adding)
+    # the frozen table's rows are every language's; a new language reads them through an offset of its own
+    # (model.text.new_language_table): trained with its adapters, it gets what training E would give it
+    # (bench/add_language.py) without moving a row another language reads
+    offsets = list(trained.text.language_offsets)
+    if cfg.model.text.new_language_table == "offset":
+        offsets += [lang for lang in adding if lang not in offsets]
+    text = dataclasses.replace(trained.text, new_language_table=cfg.model.text.new_language_table,
+                               language_offsets=offsets)
+    model = dataclasses.replace(trained, languages=languages, add_languages=adding, text=text)
     return dataclasses.replace(cfg, model=model)
 
 

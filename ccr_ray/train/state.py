@@ -33,7 +33,8 @@ from ccr_ray.tokenization import TokenizerInfo
 from ccr_ray.train.adversarial import Adversary
 
 MAX_LOGIT_SCALE = math.log(100.0)  # open_clip clamps the learned scale at 100
-TABLE_PARAM = "embedding.token_embedding."  # the token table E's parameter names (optim.table_lr)
+# the token table E's parameter names, and a language's offset on it (optim.table_lr)
+TABLE_PARAM = ("embedding.token_embedding.", "embedding.token_offsets.")
 log = logging.getLogger(__name__)
 
 

@@ -7,6 +7,7 @@ same CLI chain is tests/ray/test_stages_on_ray.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -90,6 +91,10 @@ def test_the_other_languages_are_bit_identical_and_only_the_new_one_trained(adde
     trainable = {name for name, p in state.model.named_parameters() if p.requires_grad}
     assert trainable and all(".fr." in name for name in trainable), sorted(trainable)[:5]
     assert not state.model.embedding.token_embedding.weight.requires_grad  # the table: rows fr shares with de
+    # fr reads the table through an offset of its own (model.text.new_language_table=offset), which trained
+    offset = state.model.embedding.token_offsets["fr"].weight
+    assert offset.requires_grad and offset.detach().abs().max() > 0
+    assert ckpt.read_meta(merged).experiment.model.text.language_offsets == ["fr"]
     assert plan.train_languages == ["fr"] and plan.eval_languages == ["fr"]
     assert ckpt.read_meta(merged).experiment.model.languages == ["de", "zh", "fr"]
     # fingerprints: shared parts and the old languages unchanged, fr added (jobs/languages.py compare exits 0)
@@ -116,10 +121,14 @@ def test_the_onnx_export_of_the_merged_model_answers_the_old_languages_as_before
         assert to_onnx.main([checkpoint, "--out", str(tmp_path / name), "--graphs", "text"]) == 0
     old, new = Encoder(tmp_path / "old"), Encoder(tmp_path / "new")
     assert new.languages == ["de", "zh", "fr"] and old.languages == ["de", "zh"]
-    table = schema.read_split_table(micro_data, "test", ["de", "zh"], with_images=False)
+    table = schema.read_split_table(micro_data, "test", ["de", "zh", "fr"], with_images=False)
+    texts = {lang: [caps[0] for caps in table[schema.captions_column(lang)].to_pylist()[:12]]
+             for lang in ("de", "zh", "fr")}
     for lang in ("de", "zh"):
-        texts = [caps[0] for caps in table[schema.captions_column(lang)].to_pylist()[:12]]
-        assert np.array_equal(old.encode_text(texts, lang), new.encode_text(texts, lang)), lang
+        assert np.array_equal(old.encode_text(texts[lang], lang), new.encode_text(texts[lang], lang)), lang
+    # fr's graph reads its token-table offset: the export answers as the PyTorch model does
+    torch_fr = torch.nn.functional.normalize(encode(merged, ["fr"], {**texts, "en": texts["de"]})["fr"], dim=-1)
+    assert np.abs(new.encode_text(texts["fr"], "fr") - torch_fr.numpy()).max() < 1e-4
     assert old.manifest["fingerprints"]["image"] == new.manifest["fingerprints"]["image"]
 
 
@@ -143,6 +152,12 @@ def test_a_run_that_would_change_what_other_languages_read_refuses_to_start(adde
     with pytest.raises(StageError, match="already has zh"):
         plan_stage(config(micro_data, home, first, adapter, model={"add_languages": ["zh"]},
                           run={"init_from": base}))
+    # the table policy: "frozen" gives the new language no offset of its own (only its adapters train)
+    adding = config(micro_data, home, first, adapter, model={"add_languages": ["fr"]}, run={"init_from": base})
+    assert plan_stage(adding).cfg.model.text.language_offsets == ["fr"]
+    text = dataclasses.replace(adding.model.text, new_language_table="frozen")
+    frozen = plan_stage(dataclasses.replace(adding, model=dataclasses.replace(adding.model, text=text)))
+    assert frozen.cfg.model.text.language_offsets == []
     wider = {"mla": {"hidden": 32}} if adapter == "mla" else {"dasd": {"core": 4}}  # for every language
     with pytest.raises(StageError, match=f"model.{next(iter(wider))}.* differs"):
         plan_stage(config(micro_data, home, first, adapter, model={"add_languages": ["fr"], **wider},

@@ -61,6 +61,32 @@ def test_param_groups_partition_every_parameter():
     assert len(seen) == len(set(seen)) == len(list(model.parameters()))
 
 
+def test_a_token_table_offset_belongs_to_its_language_alone_and_starts_at_zero():
+    """A language added to a trained model reads the frozen table through an offset of its own: zero at the start
+    (its embeddings are those of the table alone, bit for bit), in its language's parameters and, when it is the
+    language being added, in the group the add stage trains; the other languages never read it."""
+    plain = micro_model(("de", "fr"))
+    cfg = ModelConfig(languages=["de", "fr"], adapter="mla")
+    cfg.backbone.name, cfg.text.embed_dim, cfg.mla.hidden = MICRO_PRESET, 24, 8
+    cfg.text.language_offsets = ["fr"]
+    torch.manual_seed(0)
+    offset = build_model(cfg, TOKENS)
+    offset.load_state_dict(plain.state_dict(), strict=False)  # everything but the (zero) offset
+    ids, mask = target_ids()
+    with torch.no_grad():
+        for lang in ("de", "fr"):
+            assert torch.equal(plain.encode_text(ids, mask, lang), offset.encode_text(ids, mask, lang)), lang
+        offset.embedding.token_offsets["fr"].weight.normal_()
+        assert torch.equal(plain.encode_text(ids, mask, "de"), offset.encode_text(ids, mask, "de"))
+        assert not torch.allclose(plain.encode_text(ids, mask, "fr"), offset.encode_text(ids, mask, "fr"))
+    name = "embedding.token_offsets.fr.weight"
+    assert name in offset.language_parameters()["fr"] and name not in offset.language_parameters()["shared"]
+    assert name in dict(offset.param_groups(new_languages=["fr"])["new_language_adapters"])
+    assert name in dict(offset.param_groups()["adapters"])  # a language's own part, not the shared table
+    trainable = {n for n, _ in offset.set_trainable(["new_language_adapters"], new_languages=["fr"])}
+    assert name in trainable and all(".fr." in n for n in trainable)
+
+
 def test_english_path_equals_open_clip_encode_text_and_is_length_independent():
     model = micro_model().eval()
     ids = torch.zeros(2, 77, dtype=torch.long)
