@@ -7,8 +7,9 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from ccr_ray.net import can_bind, free_port
 
@@ -139,12 +140,8 @@ _STARTUP_TIMEOUT = "timed out during startup"  # Ray's Node: the raylet did not 
 
 
 def _init_local(address: str | None, log_to_driver: bool) -> None:
-    """ray.init for a Ray on this machine, tried again when Ray's start-up gives up. Ray waits a fixed 30 s for a
-    new node's raylet to register (ray/_private/node.py, not configurable); on a 2-core host with other CPU-bound
-    processes (two `yes` beside a test run) a fresh node has been seen to need longer, and `export/serve.py` failed
-    with "The current node timed out during startup". Each retry first stops what the failed attempt started."""
+    """ray.init for a Ray on this machine (`start_with_retries` has why it may take more than one try)."""
     import ray
-    from ray.thirdparty_files import psutil  # Ray's own copy (a Ray install has no other)
 
     own_dashboard, state_api = {}, {}
     if address == "local" and not os.environ.get(STATE_API_ENV):
@@ -152,19 +149,42 @@ def _init_local(address: str | None, log_to_driver: bool) -> None:
         port = DEFAULT_DASHBOARD_PORT if can_bind(DEFAULT_DASHBOARD_PORT) else free_port()
         own_dashboard = {"dashboard_host": "127.0.0.1", "dashboard_port": port}
         state_api = {STATE_API_ENV: f"http://127.0.0.1:{port}"}
-    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+
+    def start() -> None:
+        with environment(state_api):  # the raylet, and every process it starts, inherits it; this one not
+            ray.init(address=address, log_to_driver=log_to_driver, **own_dashboard)
+
+    start_with_retries(start)
+
+
+T = TypeVar("T")
+
+
+def start_with_retries(start: Callable[[], T], attempts: int = LOCAL_START_ATTEMPTS,
+                       cleanup: Callable[[], None] | None = None) -> T:
+    """Run `start` (something that starts Ray processes on this machine: ray.init, a test's Cluster), again when
+    Ray's start-up gives up. Ray waits a fixed 30 s for a new node's raylet to register with the GCS
+    (ray/_private/node.py; its message's RAY_raylet_start_wait_time_s is read nowhere); on a 2-core host with other
+    CPU-bound processes (two `yes` beside a test run) a fresh node has been seen to need longer, and
+    `export/serve.py` and the suite's Ray fixtures failed with "The current node timed out during startup". Each
+    retry first stops what the failed attempt started (and calls `cleanup`); any other error is raised at once."""
+    import ray
+    from ray.thirdparty_files import psutil  # Ray's own copy (a Ray install has no other)
+
+    for attempt in range(1, attempts + 1):
         before = {p.pid for p in psutil.Process().children(recursive=True)}
         try:
-            with environment(state_api):  # the raylet, and every process it starts, inherits it; this one not
-                ray.init(address=address, log_to_driver=log_to_driver, **own_dashboard)
-            return
+            return start()
         except Exception as err:
-            if _STARTUP_TIMEOUT not in str(err) or attempt == LOCAL_START_ATTEMPTS:
+            if _STARTUP_TIMEOUT not in str(err) or attempt == attempts:
                 raise
             print(f"warning: Ray's start-up timed out (a busy machine?); starting it again "
-                  f"({attempt + 1}/{LOCAL_START_ATTEMPTS})", file=sys.stderr, flush=True)
+                  f"({attempt + 1}/{attempts})", file=sys.stderr, flush=True)
         _stop_new_children(before)
+        if cleanup is not None:
+            cleanup()
         ray.shutdown()
+    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager

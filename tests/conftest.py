@@ -94,7 +94,7 @@ def private_ray(prefix: str = "ccrray-", env: dict | None = None, **init):
     length limit), shut down and removed afterwards."""
     import ray
 
-    from ccr_ray.ray_utils import STATE_API_ENV, environment
+    from ccr_ray.ray_utils import STATE_API_ENV, environment, start_with_retries
 
     if ray.is_initialized():
         ray.shutdown()
@@ -104,9 +104,10 @@ def private_ray(prefix: str = "ccrray-", env: dict | None = None, **init):
     # port nothing serves (1, privileged), so Train's placement-group cleaner gets "unavailable" instead of asking
     # another cluster's dashboard at 127.0.0.1:8265 (export/serve.py's, on the other xdist worker), which answered
     # "not found" for a live controller and the run's workers were killed (ccr_ray/ray_utils.py STATE_API_ENV)
-    with environment({STATE_API_ENV: "http://127.0.0.1:1"}):
-        ray.init(**{"address": "local", "num_cpus": 2, "_temp_dir": temp, "log_to_driver": False,
-                    "include_dashboard": False, "runtime_env": {"env_vars": {**WORKER_ENV, **(env or {})}}, **init})
+    with environment({STATE_API_ENV: "http://127.0.0.1:1"}):  # (again when a busy machine's start-up gives up)
+        start_with_retries(lambda: ray.init(**{
+            "address": "local", "num_cpus": 2, "_temp_dir": temp, "log_to_driver": False, "include_dashboard": False,
+            "runtime_env": {"env_vars": {**WORKER_ENV, **(env or {})}}, **init}))
     try:
         yield ray
     finally:

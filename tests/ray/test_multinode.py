@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from ccr_ray.net import free_port
-from ccr_ray.ray_utils import environment
+from ccr_ray.ray_utils import environment, start_with_retries
 from tests.conftest import REPO, WORKER_ENV, micro_config
 from tests.ray.conftest import AWS, moto_s3
 from tests.ray.drills import Gate, gated_worker, registered_step, steps_seen, wait_for
@@ -52,11 +52,15 @@ def nodes(micro_data):
         os.makedirs(os.path.join(temp, "ray"))
         with environment({"RAY_TMPDIR": temp}):
             # the dashboard on a port of its own: 8265 may be another cluster's on a shared machine
-            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "temp_dir": temp,
-                                                                    "object_store_memory": 150 * MB,
-                                                                    "dashboard_port": free_port()})
-            workers = [cluster.add_node(**NODE) for _ in range(2)]
-            cluster.wait_for_nodes()
+            def start():  # each node waits a fixed 30 s for its raylet: tried again on a busy machine
+                cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "temp_dir": temp,
+                                                                        "object_store_memory": 150 * MB,
+                                                                        "dashboard_port": free_port()})
+                workers = [cluster.add_node(**NODE) for _ in range(2)]
+                cluster.wait_for_nodes(timeout=600)
+                return cluster, workers
+
+            cluster, workers = start_with_retries(start)
             ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": {**AWS, **WORKER_ENV}})
             data = s3 / "data" / "micro"
             data.upload_from(micro_data)

@@ -115,6 +115,7 @@ def serve_port():
     import ray
     from ray import serve
 
+    from ccr_ray.ray_utils import start_with_retries
     from ccr_ray.serve.ray_env import apply_serve_env, local_ingress_env
 
     if ray.is_initialized():
@@ -127,8 +128,9 @@ def serve_port():
         # ports), as under export/serve.py (ccr_ray/serve/ray_env.py)
         serve_env = apply_serve_env()
         serve_env.update(local_ingress_env(temp))
-        ray.init(address="local", num_cpus=2, _temp_dir=temp, log_to_driver=False, include_dashboard=False,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **serve_env}})
+        start_with_retries(lambda: ray.init(
+            address="local", num_cpus=2, _temp_dir=temp, log_to_driver=False, include_dashboard=False,
+            runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **serve_env}}))
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield port

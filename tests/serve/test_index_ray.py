@@ -4,13 +4,12 @@ local build: same images, same neighbours for exact search, the recall figure fo
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 
 import numpy as np
 import pytest
 
 from ccr_ray.inference import index as ix
+from tests.conftest import private_ray
 from tests.export.conftest import load_cli
 from tests.serve.test_index import write_embeddings
 
@@ -19,15 +18,8 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    temp = tempfile.mkdtemp(prefix="ccridx-", dir="/tmp")
-    ray.init(address="local", num_cpus=2, _temp_dir=temp, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-    os.system(f"rm -rf {temp}")
+    with private_ray("ccridx-") as ray:
+        yield ray
 
 
 def test_ray_data_build_equals_the_local_build(ray_local, tmp_path):
