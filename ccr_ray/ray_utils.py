@@ -143,18 +143,34 @@ def _init_local(address: str | None, log_to_driver: bool) -> None:
     """ray.init for a Ray on this machine (`start_with_retries` has why it may take more than one try)."""
     import ray
 
-    own_dashboard, state_api = {}, {}
-    if address == "local" and not os.environ.get(STATE_API_ENV):
-        # a new cluster: its processes ask its own dashboard, on a port nobody else holds
-        port = DEFAULT_DASHBOARD_PORT if can_bind(DEFAULT_DASHBOARD_PORT) else free_port()
-        own_dashboard = {"dashboard_host": "127.0.0.1", "dashboard_port": port}
-        state_api = {STATE_API_ENV: f"http://127.0.0.1:{port}"}
+    own_dashboard, raylet_env = {}, {}
+    if address == "local":  # a new cluster, this job's own
+        raylet_env = own_worker_priority()
+        if not os.environ.get(STATE_API_ENV):
+            # its processes ask its own dashboard, on a port nobody else holds
+            port = DEFAULT_DASHBOARD_PORT if can_bind(DEFAULT_DASHBOARD_PORT) else free_port()
+            own_dashboard = {"dashboard_host": "127.0.0.1", "dashboard_port": port}
+            raylet_env[STATE_API_ENV] = f"http://127.0.0.1:{port}"
 
     def start() -> None:
-        with environment(state_api):  # the raylet, and every process it starts, inherits it; this one not
+        with environment(raylet_env):  # the raylet, and every process it starts, inherits it; this one not
             ray.init(address=address, log_to_driver=log_to_driver, **own_dashboard)
 
     start_with_retries(start)
+
+
+# Ray starts its worker processes at nice 15 (`worker_niceness`, src/ray/common/ray_config_def.h: "so that the OS
+# prioritizes CPU for other processes over worker"), so any busy process at the normal priority takes the CPU from
+# them: beside two `yes` a Serve replica got ~2 % of a core, requests timed out and the suite ran ~15x slower, where
+# the host was only half as fast for everything else. A local Ray a job starts for itself does the job's work: its
+# workers run at the priority of the command that started it (`nice python jobs/...` still lowers them all).
+WORKER_NICENESS_ENV = "RAY_worker_niceness"
+
+
+def own_worker_priority() -> dict[str, str]:
+    """The raylet environment that starts workers at the starting process's own priority (unless the user set
+    Ray's value)."""
+    return {} if os.environ.get(WORKER_NICENESS_ENV) else {WORKER_NICENESS_ENV: "0"}
 
 
 T = TypeVar("T")

@@ -68,3 +68,19 @@ def test_a_dead_ray_address_fails_in_one_line_before_any_ray_work(tmp_path, priv
         "local Ray)"), err[-3000:]
     assert "Traceback" not in err
     assert not list((private_ray_tmp / "ray").glob("session_*"))  # no Ray was started
+
+
+def test_a_jobs_own_local_ray_runs_its_workers_at_the_jobs_priority(private_ray_tmp):
+    """Ray starts workers at nice 15 (ray_utils.own_worker_priority has why that starved a service beside two busy
+    processes): a job started with `nice -n 5` that starts its own local Ray gets workers at 5, not 19."""
+    code = ("import os, ray\n"
+            "from ccr_ray.ray_utils import ensure_ray\n"
+            "ensure_ray(log_to_driver=False, address='local')\n"
+            "print('worker niceness', ray.get(ray.remote(lambda: os.nice(0)).remote()), 'driver', os.nice(0))\n"
+            "ray.shutdown()\n")
+    environ = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_worker_niceness")}
+    environ.update(RAY_TMPDIR=str(private_ray_tmp))
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=environ, capture_output=True, text=True,
+                          timeout=300, preexec_fn=lambda: os.nice(5))
+    assert "worker niceness 5 driver 5" in done.stdout, (done.stdout, done.stderr[-3000:])
+
