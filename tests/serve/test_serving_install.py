@@ -34,10 +34,8 @@ def serving_venv(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, timeout=300)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     started = time.perf_counter()
-    # --no-compile: pip byte-compiles every file of every package (Ray's thousands) on two busy cores; the few
-    # modules the service imports are compiled when first imported
-    result = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-compile", "-c",
-                             str(REPO / "constraints.txt"), f"{REPO}[serve]"], capture_output=True, text=True, timeout=900, env=env, cwd=venv.parent)
+    result = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-c", str(REPO / "constraints.txt"),
+                             f"{REPO}[serve]"], capture_output=True, text=True, timeout=900, env=env, cwd=venv.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     print(f"serving install: {time.perf_counter() - started:.0f}s, {du(venv) / 2**20:.0f} MiB "
           f"(this development venv: {du(sys.prefix) / 2**20:.0f} MiB)")
