@@ -20,7 +20,7 @@ from tests.serve.conftest import BATCH, LANGS, wait_until
 pytestmark = pytest.mark.ray
 APP = "ccr-ray"
 NEW = "fr"
-ADD_SCHEDULE = {"nlt": (60, 3e-3), "le": (10, 1e-4)}  # enough to train something; quality is not what is tested
+ADD_SCHEDULE = {"nlt": (20, 3e-3), "le": (5, 1e-4)}  # trains something; quality is not what is tested
 
 
 @pytest.fixture(scope="module")
