@@ -7,6 +7,7 @@ The cluster runs with a private HOME (its token lives in HOME/.ray/auth_token) a
 process groups: `ray stop` would kill every Ray process on the machine.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -43,19 +44,12 @@ def head(tmp_path):
     procs = []
     try:
         address, gcs = start_head(env, temp, tmp_path / "head.log", procs)
-        with (tmp_path / "worker.log").open("wb") as log:
-            worker = subprocess.Popen(
-                [str(BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{gcs}",
-                 "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                 f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"],
-                env={**env, "RAY_AUTH_MODE": "token"}, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
-        procs.append(worker)
-        wait_for_nodes(address, env, 2, worker, tmp_path / "worker.log")
+        start_worker_node(address, env, gcs, tmp_path / "worker.log", procs)
         yield address, env, home
     finally:
         for p in reversed(procs):
-            os.killpg(p.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):  # a try that exited left nothing (or its children)
+                os.killpg(p.pid, signal.SIGTERM)
             try:
                 p.wait(timeout=5)  # with 30 s here the teardown took 31.8 s: a node outlived SIGTERM
             except subprocess.TimeoutExpired:
@@ -123,15 +117,37 @@ def wait_until_served(address, env, proc, timeout=300) -> str:
     return "timeout"
 
 
-def wait_for_nodes(address, env, count, worker, log_path, timeout=300):
-    """The cluster has `count` alive nodes (asked through the dashboard's state API, with the token)."""
+def start_worker_node(address, env, gcs, log_path, procs, attempts=3):
+    """A second node (`ray start --address`), started again when it exits before joining: on a busy machine its
+    raylet can miss Ray's fixed 30-s registration wait (ccr_ray/ray_utils.py start_with_retries)."""
+    for tries in range(1, attempts + 1):
+        with log_path.open("ab") as log:
+            log.write(f"--- try {tries}\n".encode())
+            log.flush()
+            worker = subprocess.Popen(
+                [str(BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{gcs}",
+                 "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                 f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"],
+                env={**env, "RAY_AUTH_MODE": "token"}, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        procs.append(worker)
+        if wait_for_nodes(address, env, 2, worker, log_path):
+            return
+    pytest.fail(f"the second node did not join ({attempts} tries)\n" + diagnosis(log_path))
+
+
+def wait_for_nodes(address, env, count, worker, log_path, timeout=300) -> bool:
+    """The cluster has `count` alive nodes (asked through the dashboard's state API, with the token): True; False
+    when `worker` exited first."""
     deadline = time.time() + timeout
-    while time.time() < deadline and worker.poll() is None:
+    while time.time() < deadline:
         listed = ray_cli(env, "list", "nodes", "--address", address, "--format", "json")
         # before the first node registers, the state API prints "No resource in the cluster", not JSON
         if listed is not None and listed.returncode == 0 and listed.stdout.lstrip().startswith("["):
             if sum(n.get("state") == "ALIVE" for n in json.loads(listed.stdout)) >= count:
-                return
+                return True
+        if worker.poll() is not None:
+            return False
         time.sleep(2)
     pytest.fail(f"the cluster did not reach {count} nodes\n" + diagnosis(log_path))
 
