@@ -139,24 +139,64 @@ LOCAL_START_ATTEMPTS = 3
 _STARTUP_TIMEOUT = "timed out during startup"  # Ray's Node: the raylet did not register with the GCS in 30 s
 
 
+class StartAgain(Exception):
+    """A start that came up wrong in a way another try can fix (`start_with_retries` tries again)."""
+
+
 def _init_local(address: str | None, log_to_driver: bool) -> None:
     """ray.init for a Ray on this machine (`start_with_retries` has why it may take more than one try)."""
     import ray
 
-    own_dashboard, raylet_env = {}, {}
-    if address == "local":  # a new cluster, this job's own
-        raylet_env = own_worker_priority()
-        if not os.environ.get(STATE_API_ENV):
-            # its processes ask its own dashboard, on a port nobody else holds
+    own_cluster = address == "local" and not os.environ.get(STATE_API_ENV)
+
+    def start() -> None:
+        own_dashboard, raylet_env = {}, {}
+        if address == "local":  # a new cluster, this job's own
+            raylet_env = own_worker_priority()
+        if own_cluster:
+            # its processes ask its own dashboard, on a port nobody else holds (chosen again on each try)
             port = DEFAULT_DASHBOARD_PORT if can_bind(DEFAULT_DASHBOARD_PORT) else free_port()
             own_dashboard = {"dashboard_host": "127.0.0.1", "dashboard_port": port}
             raylet_env[STATE_API_ENV] = f"http://127.0.0.1:{port}"
-
-    def start() -> None:
-        with environment(raylet_env):  # the raylet, and every process it starts, inherits it; this one not
-            ray.init(address=address, log_to_driver=log_to_driver, **own_dashboard)
+        with environment(raylet_env), _held_dashboard_errors() as held:  # the raylet, and every process it
+            ray.init(address=address, log_to_driver=log_to_driver, **own_dashboard)  # starts, inherit it
+        node = getattr(ray._private.worker, "_global_node", None)
+        if own_cluster and node is not None and node.webui_url is None:
+            # another Ray started between can_bind and the dashboard's bind (two jobs starting at once): the port
+            # the cluster's processes were told is someone else's, and a Train run's placement-group cleaner would
+            # ask that one. Held back: Ray's traceback of the failed bind, for a one-line warning instead.
+            raise StartAgain(f"its dashboard's port {own_dashboard['dashboard_port']} was taken while it started")
+        held.release()
 
     start_with_retries(start)
+
+
+@contextlib.contextmanager
+def _held_dashboard_errors():
+    """Ray's ERROR records about its dashboard during a start (a traceback of the failed bind), held back; the
+    caller releases them when the start is kept."""
+
+    class Held(logging.Filter):
+        def __init__(self):
+            super().__init__()
+            self.records: list[logging.LogRecord] = []
+
+        def filter(self, record: logging.LogRecord) -> bool:
+            self.records.append(record)
+            return False
+
+        def release(self) -> None:
+            for record in self.records:
+                services.handle(record)
+            self.records = []
+
+    services = logging.getLogger("ray._private.services")
+    held = Held()
+    services.addFilter(held)
+    try:
+        yield held
+    finally:
+        services.removeFilter(held)
 
 
 # Ray starts its worker processes at nice 15 (`worker_niceness`, src/ray/common/ray_config_def.h: "so that the OS
@@ -192,10 +232,11 @@ def start_with_retries(start: Callable[[], T], attempts: int = LOCAL_START_ATTEM
         try:
             return start()
         except Exception as err:
-            if _STARTUP_TIMEOUT not in str(err) or attempt == attempts:
+            if not (isinstance(err, StartAgain) or _STARTUP_TIMEOUT in str(err)) or attempt == attempts:
                 raise
-            print(f"warning: Ray's start-up timed out (a busy machine?); starting it again "
-                  f"({attempt + 1}/{attempts})", file=sys.stderr, flush=True)
+            why = err if isinstance(err, StartAgain) else "its start-up timed out (a busy machine?)"
+            print(f"warning: Ray: {why}; starting it again ({attempt + 1}/{attempts})", file=sys.stderr,
+                  flush=True)
         _stop_new_children(before)
         if cleanup is not None:
             cleanup()

@@ -118,7 +118,7 @@ def test_a_local_start_that_times_out_is_tried_again_after_stopping_what_it_star
             assert len(calls) == ray_utils.LOCAL_START_ATTEMPTS
         retried = failures if started else failures - 1
         assert all(child.poll() is not None for child in children[:retried])  # each failed attempt's leftovers
-        assert capsys.readouterr().err.count("Ray's start-up timed out") == retried
+        assert capsys.readouterr().err.count("Ray: its start-up timed out") == retried
     finally:
         for child in children:
             child.kill()
@@ -183,3 +183,43 @@ def test_a_new_local_cluster_asks_its_own_dashboard(monkeypatch, port_8265_taken
     ray_utils.ensure_ray(address="local")
     ray_utils.ensure_ray(address=None)
     assert seen == [("local", {}, "http://10.0.0.1:8265"), (None, {}, "http://10.0.0.1:8265")]
+
+
+def test_a_dashboard_port_taken_while_ray_starts_is_a_new_try_with_one_warning(monkeypatch, capsys):
+    """Two jobs starting a local Ray at once both found 8265 free; the second's dashboard could not bind it, and Ray
+    printed the dashboard's traceback (the suite's busy-machine test, beside another test's job). The start is
+    tried again on a port that is free then, with one warning line and no traceback."""
+    import logging
+    from types import SimpleNamespace
+
+    import ray
+    import ray._private.worker
+
+    from ccr_ray import ray_utils
+
+    holder, ports = socket.socket(), []
+
+    def fake_init(address=None, log_to_driver=True, **dashboard):
+        ports.append(dashboard["dashboard_port"])
+        if len(ports) == 1:  # another Ray takes the port meanwhile; Ray logs its dashboard's failure
+            holder.bind(("127.0.0.1", dashboard["dashboard_port"]))
+            logging.getLogger("ray._private.services").error("Failed to start the dashboard\nTraceback (most ...")
+        node = SimpleNamespace(webui_url=None if len(ports) == 1 else f"127.0.0.1:{ports[-1]}")
+        monkeypatch.setattr(ray._private.worker, "_global_node", node, raising=False)
+
+    monkeypatch.delenv(ray_utils.STATE_API_ENV, raising=False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_utils, "_route_ray_logger", lambda: None)
+    monkeypatch.setattr(ray_utils, "DEFAULT_DASHBOARD_PORT", free_port())  # not the machine's real 8265
+    monkeypatch.setattr(ray_utils, "can_bind", lambda port: not ports)  # free at the first look only
+    try:
+        assert ray_utils.ensure_ray(address="local") is True
+    finally:
+        holder.close()
+    assert len(ports) == 2 and ports[0] != ports[1]
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("warning: ") == 1
+    assert f"its dashboard's port {ports[0]} was taken while it started; starting it again (2/3)" in err
+
