@@ -173,8 +173,8 @@ def _init_local(address: str | None, log_to_driver: bool) -> None:
 
 @contextlib.contextmanager
 def _held_dashboard_errors():
-    """Ray's ERROR records about its dashboard during a start (a traceback of the failed bind), held back; the
-    caller releases them when the start is kept."""
+    """What Ray's `services` logger says during a start (where a dashboard that failed to bind logs its
+    traceback), held back; the caller releases it when the start is kept."""
 
     class Held(logging.Filter):
         def __init__(self):
@@ -216,14 +216,14 @@ def own_worker_priority() -> dict[str, str]:
 T = TypeVar("T")
 
 
-def start_with_retries(start: Callable[[], T], attempts: int = LOCAL_START_ATTEMPTS,
-                       cleanup: Callable[[], None] | None = None) -> T:
+def start_with_retries(start: Callable[[], T], attempts: int = LOCAL_START_ATTEMPTS) -> T:
     """Run `start` (something that starts Ray processes on this machine: ray.init, a test's Cluster), again when
     Ray's start-up gives up. Ray waits a fixed 30 s for a new node's raylet to register with the GCS
     (ray/_private/node.py; its message's RAY_raylet_start_wait_time_s is read nowhere); on a 2-core host with other
     CPU-bound processes (two `yes` beside a test run) a fresh node has been seen to need longer, and
     `export/serve.py` and the suite's Ray fixtures failed with "The current node timed out during startup". Each
-    retry first stops what the failed attempt started (and calls `cleanup`); any other error is raised at once."""
+    retry first stops what the failed attempt started; any other error is raised at once (a `StartAgain` from
+    `start` is tried again too)."""
     import ray
     from ray.thirdparty_files import psutil  # Ray's own copy (a Ray install has no other)
 
@@ -238,8 +238,6 @@ def start_with_retries(start: Callable[[], T], attempts: int = LOCAL_START_ATTEM
             print(f"warning: Ray: {why}; starting it again ({attempt + 1}/{attempts})", file=sys.stderr,
                   flush=True)
         _stop_new_children(before)
-        if cleanup is not None:
-            cleanup()
         ray.shutdown()
     raise AssertionError("unreachable")
 

@@ -83,4 +83,3 @@ def test_a_jobs_own_local_ray_runs_its_workers_at_the_jobs_priority(private_ray_
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=environ, capture_output=True, text=True,
                           timeout=300, preexec_fn=lambda: os.nice(5))
     assert "worker niceness 5 driver 5" in done.stdout, (done.stdout, done.stderr[-3000:])
-
