@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from ccr_ray.ray_utils import own_worker_priority
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -21,7 +23,7 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # Every Ray the suite starts (in this process, a simulated cluster, `ray start`, export/serve.py) runs its workers at
 # the suite's priority, as a job's own local Ray does (ccr_ray/ray_utils.py own_worker_priority): at Ray's nice 15
 # they got ~2 % of a core beside two CPU hogs
-os.environ.setdefault("RAY_worker_niceness", "0")
+os.environ.update(own_worker_priority())
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # Train's 60-s limit on starting a worker group is a speed assumption (a worker imports torch in a new process;
 # beside the other xdist worker and two CPU hogs that can take minutes): the suite waits, it does not time out

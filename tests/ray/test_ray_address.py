@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from ccr_ray.data import schema
+from ccr_ray.ray_utils import WORKER_NICENESS_ENV
 from tests.conftest import REPO
 from tests.unit.test_converters import seeds_fixture
 
@@ -78,7 +79,7 @@ def test_a_jobs_own_local_ray_runs_its_workers_at_the_jobs_priority(private_ray_
             "ensure_ray(log_to_driver=False, address='local')\n"
             "print('worker niceness', ray.get(ray.remote(lambda: os.nice(0)).remote()), 'driver', os.nice(0))\n"
             "ray.shutdown()\n")
-    environ = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_worker_niceness")}
+    environ = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", WORKER_NICENESS_ENV)}
     environ.update(RAY_TMPDIR=str(private_ray_tmp))
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=environ, capture_output=True, text=True,
                           timeout=300, preexec_fn=lambda: os.nice(5))
